@@ -1,0 +1,209 @@
+"""Every meaningful answer combination renders a project that passes its linters."""
+
+import json
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import render, tool
+
+# The supported combinations, one per axis that changes what is rendered.
+COMBINATIONS = {
+    "default": {},
+    "py311": {"python_version": "3.11"},
+    "py312-4-nodes": {"python_version": "3.12", "nodes": 4},
+    "one-node": {"nodes": 1},
+    "gpu": {"gpu": "yes"},
+    "gpu-cu126-tuna": {"gpu": "yes", "cuda": "cu126", "mirror": "tuna"},
+    "tuna": {"mirror": "tuna"},
+    "miniforge": {"conda_distribution": "miniforge"},
+    "miniconda-tos": {"accept_anaconda_tos": "yes"},
+    "custom-limits": {"cpus_per_node": "0.5", "memory_per_node": "1536M", "shm_size": "256m",
+                      "uid": 1234, "gid": 2345, "project_name": "My Fancy Trainer"},
+}
+
+LEFTOVER = re.compile(r"\{\{-?\s*cookiecutter|\{%|cookiecutter\.(?!json)")
+
+
+@pytest.fixture(scope="module", params=list(COMBINATIONS), ids=list(COMBINATIONS))
+def project(request, tmp_path_factory):
+    answers = COMBINATIONS[request.param]
+    return answers, render(tmp_path_factory.mktemp(request.param), **answers)
+
+
+def run(args, cwd, **kwargs):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def files(root):
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_no_template_syntax_survives(project):
+    _, root = project
+    for path in files(root):
+        text = path.read_text()
+        assert not LEFTOVER.search(text), f"{path.relative_to(root)}: {LEFTOVER.search(text)}"
+    assert not [p for p in root.rglob("*") if "cookiecutter" in p.name and p.name != ".cookiecutter.json"]
+
+
+def test_hadolint(project):
+    _, root = project
+    result = run([tool("hadolint"), "Dockerfile"], root)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shellcheck(project):
+    _, root = project
+    scripts = sorted(str(p) for p in (root / "docker").glob("*.sh"))
+    assert len(scripts) == 2
+    result = run([tool("shellcheck"), *scripts], root)
+    assert result.returncode == 0, result.stdout
+
+
+def test_yamllint(project):
+    _, root = project
+    result = run([tool("yamllint"), "--strict", "."], root)
+    assert result.returncode == 0, result.stdout
+
+
+def test_ruff(project):
+    _, root = project
+    ruff = tool("ruff")
+    lint = run([ruff, "check", "."], root)
+    assert lint.returncode == 0, lint.stdout
+    fmt = run([ruff, "format", "--check", "."], root)
+    assert fmt.returncode == 0, fmt.stdout
+
+
+def compose_config(root, *extra, env=None):
+    result = run([tool("docker-compose"), "config", "--format", "json", *extra], root,
+                 env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_config_carries_the_answers(project):
+    answers, root = project
+    config = compose_config(root)
+    master, worker = config["services"]["master"], config["services"]["worker"]
+    cpus = float(answers.get("cpus_per_node", "1.0"))
+    for service in (master, worker):
+        limits = service["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) == cpus
+        assert int(service["shm_size"]) > 64 * 2**20
+        assert service["environment"]["MASTER_ADDR"] == "master"
+        assert service["environment"]["NNODES"] == str(answers.get("nodes", 2))
+        assert service["networks"] == {"ddp": None}
+        assert "no-new-privileges:true" in service["security_opt"]
+        volumes = {v["target"]: v for v in service["volumes"]}
+        assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs"}
+        assert volumes["/app"]["read_only"]
+    assert master["hostname"] == "master"
+    assert master["healthcheck"]["test"][0] == "CMD"
+    assert worker["depends_on"]["master"]["condition"] == "service_healthy"
+    assert "build" in master and "build" not in worker
+    assert config["name"] == root.name
+    gpu = [s["deploy"]["resources"].get("reservations") for s in (master, worker)]
+    if answers.get("gpu") == "yes":
+        assert all(r["devices"][0]["driver"] == "nvidia" for r in gpu)
+        assert all(r["devices"][0]["capabilities"] == ["gpu"] for r in gpu)
+    else:
+        assert gpu == [None, None]
+
+
+def test_memory_limit_and_shm_are_the_answers(tmp_path):
+    root = render(tmp_path, memory_per_node="1536M", shm_size="256m")
+    master = compose_config(root)["services"]["master"]
+    assert master["deploy"]["resources"]["limits"]["memory"] == str(1536 * 2**20)
+    assert master["shm_size"] == str(256 * 2**20)
+
+
+def test_env_and_environment_yml(project):
+    answers, root = project
+    env = dict(
+        line.split("=", 1)
+        for line in (root / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    gpu = answers.get("gpu") == "yes"
+    assert env["NODES"] == str(answers.get("nodes", 2))
+    assert env["DDP_BACKEND"] == ("nccl" if gpu else "gloo")
+    assert env["APP_UID"] == str(answers.get("uid", 1000))
+    assert ("COMPOSE_FILE" in env) == gpu
+    assert (root / "compose.gpu.yaml").exists() == gpu
+
+    conda_env = yaml.safe_load((root / "environment.yml").read_text())
+    deps = conda_env["dependencies"]
+    assert f"python={answers.get('python_version', '3.10')}" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    flavour = answers.get("cuda", "cu128") if gpu else "cpu"
+    assert pip[0].endswith(f"/whl/{flavour}")
+    assert "torch==2.14.1" in pip and "torchvision==0.29.1" in pip
+    tos = answers.get("accept_anaconda_tos") == "yes"
+    assert conda_env["channels"] == (["defaults"] if tos else ["conda-forge", "nodefaults"])
+
+
+def test_dockerfile_follows_the_answers(project):
+    answers, root = project
+    dockerfile = (root / "Dockerfile").read_text()
+    tuna = answers.get("mirror") == "tuna"
+    assert ("COPY docker/condarc" in dockerfile) == tuna
+    assert (root / "docker" / "condarc").exists() == tuna
+    assert (root / "docker" / "pip.conf").exists() == tuna
+    if tuna:
+        assert "mirrors.tuna.tsinghua.edu.cn" in (root / "docker" / "condarc").read_text()
+        assert "pypi.tuna.tsinghua.edu.cn" in (root / "docker" / "pip.conf").read_text()
+    assert ("conda tos accept" in dockerfile) == (answers.get("accept_anaconda_tos") == "yes")
+    base = "miniforge3" if answers.get("conda_distribution") == "miniforge" else "miniconda3"
+    assert re.search(rf"ARG CONDA_IMAGE=\S+/{base}:\S+", dockerfile)
+    assert "ARG ENV_IMAGE=env" in dockerfile and "FROM ${ENV_IMAGE} AS runtime" in dockerfile
+    assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in dockerfile
+    assert "USER ${APP_UID}:${APP_GID}" in dockerfile
+    assert "conda run" not in dockerfile.replace("not `conda run`", "")
+
+
+def test_scripts_are_executable(project):
+    _, root = project
+    for script in (root / "docker").glob("*.sh"):
+        assert script.stat().st_mode & stat.S_IXUSR, script
+
+
+def test_answers_are_saved_for_template_updates(project):
+    answers, root = project
+    saved = json.loads((root / ".cookiecutter.json").read_text())
+    for key, value in answers.items():
+        assert saved[key] == str(value)
+    assert "_template" in saved and "_output_dir" not in saved
+
+
+def test_gitattributes_keeps_lf(default_project):
+    assert "eol=lf" in (default_project / ".gitattributes").read_text()
+
+
+def test_make_help_is_the_default_and_lists_the_commands(default_project):
+    result = run(["make"], default_project)
+    assert result.returncode == 0, result.stderr
+    for target in ("build", "up", "down", "logs", "ps", "shell", "test", "lint", "train-local",
+                   "clean"):
+        assert re.search(rf"^\s+{target}\s+\S", result.stdout, re.MULTILINE), target
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("NODES=0", "NODES must be a whole number >= 1, got '0'"),
+        ("NODES=two", "NODES must be a whole number >= 1, got 'two'"),
+        ("CPUS=lots", "CPUS must be a number such as 1.0, got 'lots'"),
+        ("MEMORY=2X", "MEMORY must be a size such as 2G, got '2X'"),
+        ("SCRIPT=missing.py", "SCRIPT 'missing.py' not found"),
+    ],
+)
+def test_make_refuses_bad_settings(default_project, override, message):
+    result = run(["make", "check", override], default_project)
+    assert result.returncode != 0
+    assert message in result.stderr

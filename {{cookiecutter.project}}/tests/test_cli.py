@@ -1,0 +1,126 @@
+"""The training script as a user runs it: arguments, errors, a short run, resume, torchrun."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_dist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(output):
+    return [float(x) for x in re.findall(r"epoch \d+/\d+ loss ([0-9.]+)", output)]
+
+
+def test_defaults():
+    args = train_dist.parse_args([])
+    assert (args.epochs, args.batch_size, args.lr) == (3, 64, 0.05)
+    assert args.backend in ("gloo", "nccl")
+
+
+def test_arguments_are_parsed():
+    args = train_dist.parse_args(
+        ["--epochs", "6", "--batch-size", "8", "--lr", "0.1", "--seed", "7"]
+    )
+    assert (args.epochs, args.batch_size, args.lr, args.seed) == (6, 8, 0.1, 7)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "must be > 0"),
+        (["--epochs", "two"], "invalid int value"),
+        (["--lr", "-1"], "must be > 0"),
+        (["--backend", "mpi"], "invalid choice"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_dist.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _train(tmp_path, *extra):
+    return run(
+        sys.executable,
+        "train_dist.py",
+        "--samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *extra,
+    )
+
+
+def test_single_process_trains_checkpoints_and_resumes(tmp_path):
+    (tmp_path / "data").mkdir()
+    first = _train(tmp_path, "--epochs", "2")
+    assert first.returncode == 0, first.stderr
+    assert len(losses(first.stdout)) == 2
+    assert "final loss" in first.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
+        "ckpt-epoch0001.pt",
+        "ckpt-epoch0002.pt",
+    ]
+    assert "final loss" in (tmp_path / "logs" / "train.log").read_text()
+
+    again = _train(tmp_path, "--epochs", "3")
+    assert again.returncode == 0, again.stderr
+    assert "epoch 2 done" in again.stdout
+    assert re.findall(r"epoch (\d+)/3", again.stdout) == ["3"]
+
+
+def test_missing_data_dir_is_one_line_not_a_traceback(tmp_path):
+    result = _train(tmp_path, "--epochs", "1")
+    assert result.returncode == 2
+    assert "ERROR: data directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes_loss_decreases(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "train_dist.py",
+        "--epochs",
+        "3",
+        "--samples",
+        "512",
+        "--batch-size",
+        "32",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "world size 2" in result.stdout
+    found = losses(result.stdout)
+    assert len(found) == 3, result.stdout
+    assert found[-1] < found[0]

@@ -1,0 +1,189 @@
+"""Train a small image classifier with DistributedDataParallel.
+
+Runs as a plain script (one process) or under torchrun (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT in the environment):
+
+    python train_dist.py --epochs 2
+    torchrun --standalone --nproc-per-node 2 train_dist.py --epochs 2
+
+Rank 0 logs, writes a checkpoint after every epoch and resumes from the newest one on start.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from {{ cookiecutter.package }} import checkpoint
+from {{ cookiecutter.package }}.data import DataError, build_dataset, make_loader
+from {{ cookiecutter.package }}.model import SmallCNN
+
+log = logging.getLogger("train")
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_args(argv=None):
+    default_backend = os.environ.get("DDP_BACKEND") or (
+        "nccl" if torch.cuda.is_available() else "gloo"
+    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=_positive(int), default=3, help="total epochs (default 3)")
+    p.add_argument("--batch-size", type=_positive(int), default=64, help="per process (default 64)")
+    p.add_argument("--lr", type=_positive(float), default=0.05, help="SGD learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"))
+    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR", "checkpoints"))
+    p.add_argument("--log-dir", default=os.environ.get("LOG_DIR", "logs"))
+    p.add_argument("--keep", type=_positive(int), default=3, help="checkpoints to keep")
+    p.add_argument("--samples", type=_positive(int), default=2048, help="synthetic dataset size")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend)
+    return p.parse_args(argv)
+
+
+def setup_logging(master_process, log_dir):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if master_process:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(log_dir) / "train.log"))
+    logging.basicConfig(
+        level=logging.INFO if master_process else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def run_epoch(model, loader, optimizer, device):
+    """Train one epoch; return (sum of losses, correct predictions, samples) on this rank."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = labels.numel()
+        totals += torch.tensor(
+            [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64
+        )
+    return totals
+
+
+def train(args):
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend=args.backend)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    master_process = rank == 0
+    setup_logging(master_process, args.log_dir)
+    try:
+        if args.backend == "nccl":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        torch.manual_seed(args.seed)
+        dataset, num_classes, description = build_dataset(args.data_dir, args.samples, args.seed)
+        loader, sampler = make_loader(
+            dataset, args.batch_size, rank, world_size, args.seed, args.workers
+        )
+        model = SmallCNN(num_classes).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        log.info(
+            "world size %d, backend %s, host %s, data: %s",
+            world_size,
+            args.backend,
+            os.uname().nodename,
+            description,
+        )
+
+        # Rank 0 reads the checkpoint and sends it to everyone: the checkpoint folder need not
+        # be shared between nodes.
+        state, path = (
+            checkpoint.load_latest(args.checkpoint_dir) if master_process else (None, None)
+        )
+        if ddp:
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        start_epoch, metrics = 0, None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, metrics = state["epoch"], (state["loss"], state["accuracy"])
+            log.info("resumed from %s: epoch %d done", path, start_epoch)
+        net = (
+            DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+        )
+
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            totals = run_epoch(net, loader, optimizer, device)
+            if ddp:
+                dist.all_reduce(totals)
+            seconds = time.perf_counter() - started
+            loss_sum, correct, seen = totals.tolist()
+            metrics = (loss_sum / seen, correct / seen)
+            if master_process:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "loss": metrics[0],
+                    "accuracy": metrics[1],
+                }
+                checkpoint.save(state, args.checkpoint_dir, epoch + 1, keep=args.keep)
+            log.info(
+                "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
+                epoch + 1,
+                args.epochs,
+                metrics[0],
+                metrics[1],
+                seen / seconds,
+            )
+        if metrics is None:
+            raise RuntimeError("no epoch ran and no checkpoint holds metrics")
+        log.info("final loss %.4f accuracy %.3f", *metrics)
+        return metrics
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pieces of the training job that tests import: data, model and checkpoints."""

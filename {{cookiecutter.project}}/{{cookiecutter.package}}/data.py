@@ -1,0 +1,73 @@
+"""Datasets and the distributed loader.
+
+An ImageFolder under the data directory is used when there is one (one sub-folder per class);
+otherwise a synthetic dataset that a small model can learn, so the job runs with no downloads.
+"""
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class DataError(Exception):
+    """The data directory cannot be used; the message says why."""
+
+
+def synthetic(samples: int, num_classes: int = 10, seed: int = 0) -> TensorDataset:
+    """Noisy images around one fixed random pattern per class: learnable, deterministic."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(num_classes, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    labels = torch.randint(0, num_classes, (samples,), generator=generator)
+    noise = torch.randn(samples, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    images = 0.5 * patterns[labels] + noise
+    return TensorDataset(images, labels)
+
+
+def has_images(data_dir: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in data_dir.rglob("*") if p.is_file())
+
+
+def build_dataset(data_dir, samples: int, seed: int = 0):
+    """Return (dataset, number of classes, description)."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataError(f"data directory {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is not a directory")
+    try:
+        found = has_images(data_dir)
+    except PermissionError as err:
+        raise DataError(f"data directory {data_dir} is not readable: {err}") from err
+    if not found:
+        return (
+            synthetic(samples, seed=seed),
+            10,
+            f"synthetic ({samples} samples; no images in {data_dir})",
+        )
+    # torchvision is imported here so the synthetic path does not pay for it.
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()]
+    )
+    folder = datasets.ImageFolder(data_dir, transform=transform)
+    return folder, len(folder.classes), f"ImageFolder {data_dir} ({len(folder)} images)"
+
+
+def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int = 0):
+    """A loader whose sampler gives this rank its own shard; call sampler.set_epoch each epoch."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    return loader, sampler
