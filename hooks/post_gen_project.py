@@ -38,7 +38,8 @@ def main():
     print(f"\nCreated {root}. Next:\n")
     print(f"    cd {ANSWERS['project']}")
     print("    make build      # build the image (Miniconda env + your code)")
-    print(f"    make up         # train on {ANSWERS['nodes']} node(s); exits with the job's status\n")
+    print(f"    make up         # train on {ANSWERS['nodes']} node(s), exit with the job's status")
+    print()
 
 
 if __name__ == "__main__":

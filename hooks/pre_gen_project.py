@@ -26,7 +26,7 @@ UNSUPPORTED = (
         "miniforge",
         "accept_anaconda_tos",
         "yes",
-        "Miniforge uses conda-forge only and has no Anaconda terms to accept; answer accept_anaconda_tos=no",
+        "Miniforge has no Anaconda channels whose terms could be accepted; answer no",
     ),
 )
 
@@ -65,7 +65,7 @@ def errors(a):
             yield f"{key} must be a size such as 512M or 2G, got {a[key]!r}"
     for key in ("uid", "gid"):
         if not _int_at_least(a[key], 1):
-            yield f"{key} must be a whole number >= 1 (the container user is not root), got {a[key]!r}"
+            yield f"{key} must be a whole number >= 1 got {a[key]!r}"
     for key in ("torch_version", "torchvision_version"):
         if not VERSION_RE.match(a[key]):
             yield f"{key} must be a version such as 2.14.1, got {a[key]!r}"

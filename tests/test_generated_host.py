@@ -10,7 +10,10 @@ from pathlib import Path
 def test_generated_suite_passes(default_project):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=default_project, capture_output=True, text=True, timeout=900,
+        cwd=default_project,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\d+ passed", result.stdout)
@@ -21,7 +24,11 @@ def test_train_local_trains_two_processes_with_decreasing_loss(default_project):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         ["make", "train-local", "ARGS=--epochs 3 --samples 1024"],
-        cwd=default_project, capture_output=True, text=True, timeout=600, env=env,
+        cwd=default_project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import TEMPLATE
+from helpers import TEMPLATE
 
 BAD_ANSWERS = [
     ({"project": "My Project"}, "project 'My Project' is not a valid folder/Compose project name"),
@@ -30,9 +30,19 @@ BAD_ANSWERS = [
 def generate(tmp_path, answers):
     args = [f"{k}={v}" for k, v in answers.items()]
     return subprocess.run(
-        [sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(tmp_path), str(TEMPLATE),
-         *args],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "cookiecutter",
+            "--no-input",
+            "-o",
+            str(tmp_path),
+            str(TEMPLATE),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

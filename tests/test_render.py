@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import render, tool
+from helpers import render, tool
 
 # The supported combinations, one per axis that changes what is rendered.
 COMBINATIONS = {
@@ -22,8 +22,14 @@ COMBINATIONS = {
     "tuna": {"mirror": "tuna"},
     "miniforge": {"conda_distribution": "miniforge"},
     "miniconda-tos": {"accept_anaconda_tos": "yes"},
-    "custom-limits": {"cpus_per_node": "0.5", "memory_per_node": "1536M", "shm_size": "256m",
-                      "uid": 1234, "gid": 2345, "project_name": "My Fancy Trainer"},
+    "custom-limits": {
+        "cpus_per_node": "0.5",
+        "memory_per_node": "1536M",
+        "shm_size": "256m",
+        "uid": 1234,
+        "gid": 2345,
+        "project_name": "My Fancy Trainer",
+    },
 }
 
 LEFTOVER = re.compile(r"\{\{-?\s*cookiecutter|\{%|cookiecutter\.(?!json)")
@@ -48,7 +54,9 @@ def test_no_template_syntax_survives(project):
     for path in files(root):
         text = path.read_text()
         assert not LEFTOVER.search(text), f"{path.relative_to(root)}: {LEFTOVER.search(text)}"
-    assert not [p for p in root.rglob("*") if "cookiecutter" in p.name and p.name != ".cookiecutter.json"]
+    assert not [
+        p for p in root.rglob("*") if "cookiecutter" in p.name and p.name != ".cookiecutter.json"
+    ]
 
 
 def test_hadolint(project):
@@ -81,8 +89,11 @@ def test_ruff(project):
 
 
 def compose_config(root, *extra, env=None):
-    result = run([tool("docker-compose"), "config", "--format", "json", *extra], root,
-                 env={**os.environ, **(env or {})})
+    result = run(
+        [tool("docker-compose"), "config", "--format", "json", *extra],
+        root,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -188,8 +199,18 @@ def test_gitattributes_keeps_lf(default_project):
 def test_make_help_is_the_default_and_lists_the_commands(default_project):
     result = run(["make"], default_project)
     assert result.returncode == 0, result.stderr
-    for target in ("build", "up", "down", "logs", "ps", "shell", "test", "lint", "train-local",
-                   "clean"):
+    for target in (
+        "build",
+        "up",
+        "down",
+        "logs",
+        "ps",
+        "shell",
+        "test",
+        "lint",
+        "train-local",
+        "clean",
+    ):
         assert re.search(rf"^\s+{target}\s+\S", result.stdout, re.MULTILINE), target
 
 

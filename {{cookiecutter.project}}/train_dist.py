@@ -10,6 +10,7 @@ Rank 0 logs, writes a checkpoint after every epoch and resumes from the newest o
 """
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -90,6 +91,27 @@ def run_epoch(model, loader, optimizer, device):
     return totals
 
 
+def fingerprint(model):
+    """A short hash of the weights: equal on every rank if DDP kept them in step."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def check_in_step(model, ddp, world_size):
+    """Log each rank's host and weight fingerprint; fail if the weights differ."""
+    mine = (os.uname().nodename, fingerprint(model))
+    everyone = [None] * world_size
+    if ddp:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    log.info("weights by rank: %s", " ".join(f"{r}@{h}={f}" for r, (h, f) in enumerate(everyone)))
+    if len({f for _, f in everyone}) != 1:
+        raise RuntimeError("ranks ended with different weights")
+
+
 def train(args):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -168,6 +190,7 @@ def train(args):
             )
         if metrics is None:
             raise RuntimeError("no epoch ran and no checkpoint holds metrics")
+        check_in_step(model, ddp, world_size)
         log.info("final loss %.4f accuracy %.3f", *metrics)
         return metrics
     finally:

@@ -124,3 +124,5 @@ def test_torchrun_two_processes_loss_decreases(tmp_path):
     found = losses(result.stdout)
     assert len(found) == 3, result.stdout
     assert found[-1] < found[0]
+    # Both ranks report the same weights (the script fails if they differ).
+    assert re.search(r"weights by rank: 0@\S+=(\w+) 1@\S+=\1$", result.stdout, re.MULTILINE)

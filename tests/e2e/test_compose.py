@@ -1,0 +1,138 @@
+"""`make up` for real: a master and workers as Compose services, built on the stand-in env image.
+
+The tests share one rendered project and run in file order, each with its own checkpoint folder.
+"""
+
+import json
+import re
+import time
+
+from helpers import TEMPLATE, sh
+
+SEED_STYLE_SCRIPT = '''\
+"""A script written for the seed's setup: it sets the rendezvous address itself."""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+os.environ["MASTER_ADDR"] = "master"
+os.environ["MASTER_PORT"] = "29500"
+parser = argparse.ArgumentParser()
+parser.add_argument("--value", type=float, required=True)
+args = parser.parse_args()
+dist.init_process_group(
+    "gloo", init_method="env://",
+    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+)
+total = torch.tensor([args.value])
+dist.all_reduce(total)
+print(f"own script: rank {dist.get_rank()} of {dist.get_world_size()} sum {total.item()}")
+dist.destroy_process_group()
+'''
+
+
+def losses(text):
+    return [float(x) for x in re.findall(r"epoch \d+/\d+ loss ([0-9.]+)", text)]
+
+
+def test_build_then_up_trains_to_completion(project):
+    project.make("build", timeout=900)
+    result = project.make("up", "ARGS=--epochs 3 --samples 1024")
+    out = result.stdout + result.stderr
+    found = losses(out)
+    assert len(found) == 3 and found[-1] < found[0], out[-3000:]
+    assert "world size 2" in out
+    checkpoint = project.root / "checkpoints" / "ckpt-epoch0003.pt"
+    log = project.root / "logs" / "train.log"
+    assert checkpoint.exists() and "final loss" in log.read_text()
+    for path in (checkpoint, log):
+        assert (path.stat().st_uid, path.stat().st_gid) == (1000, 1000), path
+
+
+def test_limits_shm_and_non_root_user(project):
+    ids = project.compose("ps", "--all", "-q").stdout.split()
+    assert len(ids) == 2
+    inspected = json.loads(sh(["docker", "inspect", *ids]).stdout)
+    for container in inspected:
+        host = container["HostConfig"]
+        assert host["NanoCpus"] == 1_000_000_000
+        assert host["Memory"] == 2 * 2**30
+        assert host["ShmSize"] == 2**30
+        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert container["Config"]["User"] == "1000:1000"
+    whoami = project.compose("run", "--rm", "--no-deps", "master", "id", "-u").stdout.split()
+    assert whoami[-1] == "1000"
+
+
+def test_four_nodes_have_distinct_hosts_and_identical_weights(project):
+    result = project.make(
+        "up", "NODES=4", "ARGS=--epochs 1 --samples 512 --checkpoint-dir /checkpoints/four"
+    )
+    out = result.stdout
+    assert len(project.compose("ps", "--all", "-q").stdout.split()) == 4
+    assert "world size 4" in out
+    line = re.search(r"weights by rank: (.*)$", out, re.MULTILINE)
+    assert line, out[-3000:]
+    ranks = re.findall(r"(\d)@(\S+)=(\w+)", line.group(1))
+    assert [r for r, _, _ in ranks] == ["0", "1", "2", "3"]
+    assert len({host for _, host, _ in ranks}) == 4
+    assert ranks[0][1] == "master"
+    assert len({fp for _, _, fp in ranks}) == 1
+
+
+def test_own_script_written_for_the_seed_runs_unchanged(project):
+    (project.root / "own_job.py").write_text(SEED_STYLE_SCRIPT)
+    result = project.make("up", "SCRIPT=own_job.py", "ARGS=--value 3")
+    assert "own script: rank 0 of 2 sum 6.0" in result.stdout
+    assert "own script: rank 1 of 2 sum 6.0" in result.stdout
+
+
+def test_worker_started_first_waits_for_the_master(project):
+    args = {"ARGS": "--epochs 1 --samples 256 --checkpoint-dir /checkpoints/late-master"}
+    project.compose("down", "--remove-orphans")
+    project.compose("up", "--detach", "--no-deps", "worker", **args)
+    deadline = time.monotonic() + 60
+    while "waiting for master master:29500" not in project.logs("worker"):
+        assert time.monotonic() < deadline, project.logs("worker")
+        time.sleep(1)
+    time.sleep(3)
+    assert "is up after" not in project.logs("worker")
+    project.compose("up", "--detach", "--no-deps", "master", **args)
+    project.compose("wait", "worker", "master", timeout=300)
+    worker_log = project.logs("worker")
+    assert re.search(r"master master:29500 is up after \d+s", worker_log), worker_log
+    assert "final loss" in project.logs("master")
+    codes = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout
+    assert sorted(codes.split("\n")[:-1]) == ["master 0", "worker 0"], codes
+
+
+def test_make_test_runs_the_suite_inside_the_image(project):
+    result = project.make("test", timeout=900)
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
+    assert " failed" not in result.stdout
+
+
+def test_code_only_change_rebuilds_only_the_code_layer(project):
+    script = project.root / "train_dist.py"
+    script.write_text(script.read_text() + "\n# a code-only change\n")
+    started = time.perf_counter()
+    result = project.compose("--progress", "plain", "build", "master")
+    seconds = time.perf_counter() - started
+    log = result.stdout + result.stderr
+    user_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] RUN if ! getent group", log)
+    assert user_step and re.search(rf"^#{user_step.group(1)} CACHED$", log, re.MULTILINE), log
+    copy_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] COPY \. /app", log)
+    assert copy_step and not re.search(rf"^#{copy_step.group(1)} CACHED$", log, re.MULTILINE), log
+    record = TEMPLATE / "build" / "e2e-timings.json"
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(json.dumps({"code_only_rebuild_s": round(seconds, 2)}) + "\n")
+    print(f"code-only rebuild: {seconds:.1f}s")
+
+
+def test_down_leaves_no_containers_or_networks(project):
+    assert project.containers() and project.networks()
+    project.make("down")
+    assert project.containers() == []
+    assert project.networks() == []
