@@ -134,6 +134,28 @@ def test_memory_limit_and_shm_are_the_answers(tmp_path):
     assert master["shm_size"] == str(256 * 2**20)
 
 
+def test_proxy_settings_reach_the_build(default_project):
+    config = compose_config(default_project, env={"HTTPS_PROXY": "http://proxy.invalid:3128"})
+    assert config["services"]["master"]["build"]["args"]["HTTPS_PROXY"] == (
+        "http://proxy.invalid:3128"
+    )
+
+
+def test_github_workflow_is_valid(project):
+    answers, root = project
+    workflow = root / ".github" / "workflows" / "ci.yml"
+    result = run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        root,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    assert set(jobs) == {"lint", "host-tests", "docker"}
+    steps = " ".join(step.get("run", "") for step in jobs["docker"]["steps"])
+    assert "make build" in steps and "make up NODES=2" in steps
+    assert ("DDP_BACKEND=gloo" in steps) == (answers.get("gpu") == "yes")
+
+
 def test_env_and_environment_yml(project):
     answers, root = project
     env = dict(

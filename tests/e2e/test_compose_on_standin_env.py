@@ -1,6 +1,9 @@
-"""`make up` for real: a master and workers as Compose services, built on the stand-in env image.
+"""`make up` for real: a master and workers as Compose services.
 
-The tests share one rendered project and run in file order, each with its own checkpoint folder.
+Replaced here: the conda env stage only. The runtime stage is built on the stand-in env image
+(Debian's Python with the same pip packages; see scripts/standin-image.sh) because this CI
+reaches no registry or conda channel. The tests share one rendered project and run in file
+order, each with its own checkpoint folder.
 """
 
 import json
@@ -112,6 +115,35 @@ def test_make_test_runs_the_suite_inside_the_image(project):
     result = project.make("test", timeout=900)
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
     assert " failed" not in result.stdout
+
+
+def test_extra_ca_certificate_is_trusted_in_the_image(project, tmp_path):
+    # A corporate proxy's CA: `make build CA_CERT=...` must put it into the image's trust store.
+    key, cert = tmp_path / "ca.key", tmp_path / "ca.crt"
+    sh(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=ddp-template test proxy CA",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ]
+    )
+    project.make("build", f"CA_CERT={cert}")
+    pem_body = "".join(cert.read_text().splitlines()[1:-1])
+    bundle = project.compose(
+        "run", "--rm", "--no-deps", "master", "cat", "/etc/ssl/certs/ca-certificates.crt"
+    ).stdout
+    assert pem_body in "".join(bundle.splitlines())
 
 
 def test_code_only_change_rebuilds_only_the_code_layer(project):
