@@ -1,5 +1,6 @@
 """Rendering helpers shared by the template's tests."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,3 +40,13 @@ def sh(args, cwd=None, timeout=600, check=True, **kwargs):
             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def record(**figures):
+    """Merge measured figures into build/e2e-timings.json, for the closing notes and README."""
+    path = TEMPLATE / "build" / "e2e-timings.json"
+    path.parent.mkdir(exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(figures)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(figures)

@@ -7,14 +7,18 @@ MASTER_ADDR and MASTER_PORT in the environment):
     torchrun --standalone --nproc-per-node 2 train_dist.py --epochs 2
 
 Rank 0 logs, writes a checkpoint after every epoch and resumes from the newest one on start.
+On SIGTERM or SIGINT (docker stop, Ctrl-C) every rank stops at the same step and rank 0 saves
+where it stopped, so the next start loses nothing.
 """
 
 import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -56,6 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=_positive(int), default=2048, help="synthetic dataset size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend)
+    p.add_argument(
+        "--timeout",
+        type=_positive(int),
+        default=120,
+        help="seconds a collective waits for a silent peer before failing (default 120)",
+    )
     return p.parse_args(argv)
 
 
@@ -73,11 +83,40 @@ def setup_logging(master_process, log_dir):
     )
 
 
-def run_epoch(model, loader, optimizer, device):
-    """Train one epoch; return (sum of losses, correct predictions, samples) on this rank."""
+class GracefulStop:
+    """Remembers a SIGTERM/SIGINT so that training stops between two steps, not inside one."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, ddp, device):
+        """True on every rank as soon as any rank was asked to stop."""
+        if not ddp:
+            return self.signal is not None
+        flag = torch.tensor([int(self.signal is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run_epoch(model, loader, optimizer, device, skip=0, should_stop=lambda: False):
+    """Train one epoch from batch `skip` on.
+
+    Return (sum of losses, correct predictions, samples) on this rank, the number of batches
+    done, and whether it stopped early because a stop was requested.
+    """
     model.train()
     totals = torch.zeros(3, dtype=torch.float64)
-    for images, labels in loader:
+    step = 0
+    for step, (images, labels) in enumerate(loader):
+        if step < skip:
+            continue
+        if should_stop():
+            return totals, step, True
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
@@ -88,7 +127,7 @@ def run_epoch(model, loader, optimizer, device):
         totals += torch.tensor(
             [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64
         )
-    return totals
+    return totals, step + 1, False
 
 
 def fingerprint(model):
@@ -112,10 +151,11 @@ def check_in_step(model, ddp, world_size):
         raise RuntimeError("ranks ended with different weights")
 
 
-def train(args):
+def train(args, stop):
+    """Train; return 0 when done, or the exit code of a requested stop."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
-        dist.init_process_group(backend=args.backend)
+        dist.init_process_group(backend=args.backend, timeout=timedelta(seconds=args.timeout))
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -152,34 +192,49 @@ def train(args):
             box = [state]
             dist.broadcast_object_list(box, src=0)
             state = box[0]
-        start_epoch, metrics = 0, None
+        start_epoch, start_step, metrics = 0, 0, None
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            start_epoch, metrics = state["epoch"], (state["loss"], state["accuracy"])
-            log.info("resumed from %s: epoch %d done", path, start_epoch)
+            start_epoch, start_step = state["epoch"], state.get("step", 0)
+            if state["loss"] is not None:
+                metrics = (state["loss"], state["accuracy"])
+            log.info("resumed from %s: epoch %d done, step %d", path, start_epoch, start_step)
         net = (
             DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
         )
 
+        def save(epoch, step):
+            if master_process:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": metrics[0] if metrics else None,
+                    "accuracy": metrics[1] if metrics else None,
+                }
+                return checkpoint.save(state, args.checkpoint_dir, epoch, step, keep=args.keep)
+
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
             started = time.perf_counter()
-            totals = run_epoch(net, loader, optimizer, device)
+            skip = start_step if epoch == start_epoch else 0
+            totals, step, stopped = run_epoch(
+                net, loader, optimizer, device, skip, lambda: stop.agreed(ddp, device)
+            )
+            if stopped:
+                saved = save(epoch, step)
+                log.info("stop requested: saved %s at epoch %d step %d", saved, epoch + 1, step)
+                # The rank that got the signal exits with its code; the others fail, so that
+                # torchrun restarts them into a job without the stopped node.
+                return 128 + stop.signal if stop.signal else 1
             if ddp:
                 dist.all_reduce(totals)
             seconds = time.perf_counter() - started
             loss_sum, correct, seen = totals.tolist()
             metrics = (loss_sum / seen, correct / seen)
-            if master_process:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "loss": metrics[0],
-                    "accuracy": metrics[1],
-                }
-                checkpoint.save(state, args.checkpoint_dir, epoch + 1, keep=args.keep)
+            save(epoch + 1, 0)
             log.info(
                 "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
                 epoch + 1,
@@ -192,7 +247,7 @@ def train(args):
             raise RuntimeError("no epoch ran and no checkpoint holds metrics")
         check_in_step(model, ddp, world_size)
         log.info("final loss %.4f accuracy %.3f", *metrics)
-        return metrics
+        return 0
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -200,12 +255,12 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    stop = GracefulStop()
     try:
-        train(args)
+        return train(args, stop)
     except DataError as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

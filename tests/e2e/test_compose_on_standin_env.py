@@ -10,7 +10,7 @@ import json
 import re
 import time
 
-from helpers import TEMPLATE, sh
+from helpers import record, sh
 
 SEED_STYLE_SCRIPT = '''\
 """A script written for the seed's setup: it sets the rendezvous address itself."""
@@ -157,10 +157,7 @@ def test_code_only_change_rebuilds_only_the_code_layer(project):
     assert user_step and re.search(rf"^#{user_step.group(1)} CACHED$", log, re.MULTILINE), log
     copy_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] COPY \. /app", log)
     assert copy_step and not re.search(rf"^#{copy_step.group(1)} CACHED$", log, re.MULTILINE), log
-    record = TEMPLATE / "build" / "e2e-timings.json"
-    record.parent.mkdir(exist_ok=True)
-    record.write_text(json.dumps({"code_only_rebuild_s": round(seconds, 2)}) + "\n")
-    print(f"code-only rebuild: {seconds:.1f}s")
+    record(code_only_rebuild_s=round(seconds, 2))
 
 
 def test_down_leaves_no_containers_or_networks(project):

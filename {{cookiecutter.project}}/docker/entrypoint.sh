@@ -1,29 +1,25 @@
 #!/usr/bin/env bash
-# Work out this node's rank, wait (bounded) for the master's rendezvous port, then run the command.
+# Wait (bounded) for the master's rendezvous port unless this node is the master, then run the
+# command. The master is the node whose hostname is MASTER_ADDR, or any node with NODE_ROLE=master.
 set -o errexit -o nounset -o pipefail
 
 MASTER_ADDR="${MASTER_ADDR:-master}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 WAIT_TIMEOUT="${WAIT_TIMEOUT:-60}"
+REJOIN_TIMEOUT="${REJOIN_TIMEOUT:-10}"
 
-# The master is node 0 by name. A Compose worker replica is named <project>-worker-<n>, n = 1, 2,
-# ...; the container's hostname is its ID, so the name comes from Docker's DNS (reverse lookup of
-# its own address), which /etc/hosts would otherwise answer with the ID.
-node_rank() {
-  if [ "$(hostname)" = "$MASTER_ADDR" ]; then
-    echo 0
-    return
-  fi
-  local address name
-  address="$(hostname -i | awk '{print $1}')"
-  name="$(getent -s dns hosts "$address" | awk '{print $2}')" || true
-  if [[ "$name" =~ -worker-([0-9]+)(\.|$) ]]; then
-    echo "${BASH_REMATCH[1]}"
-    return
-  fi
-  echo "ERROR: cannot tell this node's rank from its name '${name:-?}': set NODE_RANK" >&2
-  return 1
-}
+# A restarted container keeps its files: a marker tells a restart from a first start. On a
+# restart the master was up before, so a master that does not answer soon is gone for good.
+marker=/tmp/.node-started
+if [ -e "$marker" ]; then
+  WAIT_TIMEOUT="$REJOIN_TIMEOUT"
+fi
+touch "$marker"
+
+if [ -z "${NODE_ROLE:-}" ]; then
+  if [ "$(hostname)" = "$MASTER_ADDR" ]; then NODE_ROLE=master; else NODE_ROLE=worker; fi
+fi
+export NODE_ROLE MASTER_ADDR MASTER_PORT
 
 wait_for_master() {
   local started=$SECONDS
@@ -39,11 +35,7 @@ wait_for_master() {
   echo "master ${MASTER_ADDR}:${MASTER_PORT} is up after $(( SECONDS - started ))s"
 }
 
-if [ -z "${NODE_RANK:-}" ]; then
-  NODE_RANK="$(node_rank)"
-fi
-export NODE_RANK MASTER_ADDR MASTER_PORT
-if [ "$NODE_RANK" != 0 ]; then
+if [ "$NODE_ROLE" != master ]; then
   wait_for_master
 fi
 exec "$@"

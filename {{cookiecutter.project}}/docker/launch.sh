@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# Run SCRIPT under torchrun with a static rendezvous hosted by node 0 at MASTER_ADDR:MASTER_PORT.
+# Run SCRIPT under torchrun, elastic: a c10d rendezvous whose store the master hosts on
+# MASTER_ADDR:MASTER_PORT, between MIN_NODES and NNODES nodes, with MAX_RESTARTS restarts.
 #
-# Static, not c10d: node ranks are fixed (the master is always node 0) and the store listens on
-# MASTER_PORT itself, so scripts written for a plain MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE
-# setup join the same store that torchrun's agents use.
+# Ranks: c10d sorts nodes by their address, so the master announces itself as MASTER_ADDR and
+# workers as "worker-<hostname>", which sorts after "master": the master is always node 0 and
+# hosts rank 0. Scripts written for a plain MASTER_ADDR=master/MASTER_PORT=29500 setup join the
+# rendezvous store on that port, so they run unchanged too.
 set -o errexit -o nounset -o pipefail
 
 SCRIPT="${SCRIPT:-train_dist.py}"
 ARGS="${ARGS:-}"
 NNODES="${NNODES:-1}"
+MIN_NODES="${MIN_NODES:-1}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RUN_ID="${RUN_ID:-ddp}"
+# Seconds the first node waits for the others, and then for stragglers once MIN_NODES are in;
+# a store that does not answer for RDZV_TIMEOUT seconds (the master is gone) ends the job.
+JOIN_TIMEOUT="${JOIN_TIMEOUT:-120}"
+LAST_CALL_TIMEOUT="${LAST_CALL_TIMEOUT:-20}"
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-30}"
+# A node that misses 5 heartbeats 2 s apart is dropped from the rendezvous (torch's default: 15 s).
+RDZV_CONF="join_timeout=${JOIN_TIMEOUT},last_call_timeout=${LAST_CALL_TIMEOUT}"
+RDZV_CONF+=",read_timeout=${RDZV_TIMEOUT},keep_alive_interval=2,keep_alive_max_attempt=5"
 
 if [ ! -f "$SCRIPT" ]; then
   echo "ERROR: SCRIPT '$SCRIPT' not found (paths are relative to the project folder, $(pwd))" >&2
   exit 2
+fi
+
+if [ "${NODE_ROLE:-master}" = master ]; then
+  is_host=1
+  local_addr="${LOCAL_ADDR:-$MASTER_ADDR}"
+else
+  is_host=0
+  local_addr="${LOCAL_ADDR:-worker-$(hostname)}"
 fi
 
 # torchrun sets one thread per process only with several processes per node; a 1-CPU container
@@ -38,14 +60,17 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
   export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
 fi
 
-echo "node ${NODE_RANK:-0}/${NNODES} on $(hostname): torchrun ${SCRIPT} ${ARGS} (threads ${OMP_NUM_THREADS})"
+echo "${NODE_ROLE:-master} ${local_addr}: torchrun ${SCRIPT} ${ARGS} (nodes ${MIN_NODES}-${NNODES}, threads ${OMP_NUM_THREADS})"
 # ARGS is split into words on purpose: it carries several arguments in one variable.
 # shellcheck disable=SC2086
 exec torchrun \
-  --nnodes="$NNODES" \
-  --node-rank="${NODE_RANK:-0}" \
+  --nnodes="${MIN_NODES}:${NNODES}" \
   --nproc-per-node="$NPROC_PER_NODE" \
-  --master-addr="${MASTER_ADDR:-127.0.0.1}" \
-  --master-port="${MASTER_PORT:-29500}" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
+  --rdzv-id="$RUN_ID" \
+  --rdzv-conf="is_host=${is_host},${RDZV_CONF}" \
+  --local-addr="$local_addr" \
   --max-restarts="$MAX_RESTARTS" \
+  --monitor-interval=1 \
   "$SCRIPT" $ARGS

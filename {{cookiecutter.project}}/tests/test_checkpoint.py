@@ -1,3 +1,10 @@
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 from {{ cookiecutter.package }} import checkpoint
@@ -41,3 +48,56 @@ def test_half_written_temporary_file_is_ignored(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert checkpoint.load_latest(tmp_path / "missing") == (None, None)
+
+
+def test_mid_epoch_checkpoints_sort_between_epochs(tmp_path):
+    checkpoint.save(_state(2), tmp_path, 2)
+    checkpoint.save(_state(3), tmp_path, 2, step=40)
+    checkpoint.save(_state(1), tmp_path, 1)
+    names = [p.name for p in checkpoint.checkpoints(tmp_path)]
+    assert names == ["ckpt-epoch0001.pt", "ckpt-epoch0002.pt", "ckpt-epoch0002-step000040.pt"]
+    assert checkpoint.load_latest(tmp_path)[1].name == "ckpt-epoch0002-step000040.pt"
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, 1)
+
+    def disk_full(state, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(_state(2), tmp_path, 2)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-epoch0001.pt"]
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 1
+
+
+# Saves a small checkpoint, then a 256 MB one that the test kills halfway.
+WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from {{ cookiecutter.package }} import checkpoint
+checkpoint.save(dict(epoch=1, w=torch.zeros(4)), sys.argv[2], 1)
+print("first", flush=True)
+checkpoint.save(dict(epoch=2, w=torch.zeros(64 * 2**20)), sys.argv[2], 2)
+"""
+
+
+def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, root, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline().strip() == "first"
+    tmp = tmp_path / ".ckpt-epoch0002.pt.tmp"
+    deadline = time.monotonic() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0):
+        assert time.monotonic() < deadline and writer.poll() is None, "never saw the write start"
+        time.sleep(0.001)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert not (tmp_path / "ckpt-epoch0002.pt").exists()
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["epoch"] == 1 and path.name == "ckpt-epoch0001.pt"

@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,76 @@ def test_torchrun_two_processes_loss_decreases(tmp_path):
     assert found[-1] < found[0]
     # Both ranks report the same weights (the script fails if they differ).
     assert re.search(r"weights by rank: 0@\S+=(\w+) 1@\S+=\1$", result.stdout, re.MULTILINE)
+
+
+def _start(tmp_path, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return subprocess.Popen(
+        [
+            *args,
+            "--samples",
+            "4096",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "50",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _stop_after_first_epoch(process):
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "epoch 1/50" in line:
+            time.sleep(0.5)  # into the second epoch, so the checkpoint is a mid-epoch one
+            process.send_signal(signal.SIGTERM)
+            break
+    out, _ = process.communicate(timeout=120)
+    return "".join(lines) + out
+
+
+def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
+    (tmp_path / "data").mkdir()
+    out = _stop_after_first_epoch(_start(tmp_path, sys.executable, "train_dist.py"))
+    stopped = re.search(
+        r"stop requested: saved \S+/(ckpt-epoch0001(-step(\d+))?\.pt) at epoch 2", out
+    )
+    assert stopped, out
+    name, step = stopped.group(1), int(stopped.group(3) or 0)
+    assert (tmp_path / "ckpt" / name).exists()
+
+    again = _train(tmp_path, "--epochs", "2", "--samples", "4096", "--batch-size", "16")
+    assert again.returncode == 0, again.stderr
+    assert f"epoch 1 done, step {step}" in again.stdout
+    assert re.findall(r"epoch (\d+)/2", again.stdout) == ["2"]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    (tmp_path / "data").mkdir()
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "train_dist.py",
+    ]
+    process = _start(tmp_path, *launcher)
+    out = _stop_after_first_epoch(process)
+    assert process.returncode != 0
+    assert re.search(r"stop requested: saved \S+/ckpt-epoch0001(-step\d+)?\.pt", out), out
+    assert "Traceback" not in out.split("stop requested")[0]

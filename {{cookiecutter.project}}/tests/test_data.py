@@ -59,3 +59,9 @@ def test_image_folder_is_used_when_present(tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_dataset(tmp_path / "nope", samples=16)
+
+
+def test_unreadable_data_dir_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(DataError, match="is not readable"):
+        build_dataset(tmp_path, samples=16)

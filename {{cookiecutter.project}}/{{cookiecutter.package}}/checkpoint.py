@@ -1,7 +1,11 @@
 """Checkpoints that survive a crash: written to a temporary file, fsynced, then renamed.
 
-A reader never sees a half-written file under the final name, and a file that does not load is
-moved aside (never deleted) so the previous one is used and the bad one can be inspected.
+A reader never sees a half-written file under the final name; a failed write (a full disk)
+leaves the previous checkpoint as it was; and a file that does not load is moved aside, never
+deleted, so the one before it is used and the bad one can be inspected.
+
+Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-step000040.pt when the job
+stopped 40 steps into the 4th epoch (a graceful stop).
 """
 
 import logging
@@ -12,8 +16,11 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-NAME = "ckpt-epoch{epoch:04d}.pt"
-NAME_RE = re.compile(r"^ckpt-epoch(\d+)\.pt$")
+NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-step(\d+))?\.pt$")
+
+
+def name(epoch: int, step: int = 0) -> str:
+    return f"ckpt-epoch{epoch:04d}.pt" if step == 0 else f"ckpt-epoch{epoch:04d}-step{step:06d}.pt"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -29,20 +36,27 @@ def checkpoints(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = []
+    for path in directory.iterdir():
+        if match := NAME_RE.match(path.name):
+            found.append(((int(match.group(1)), int(match.group(2) or 0)), path))
+    return [path for _, path in sorted(found)]
 
 
-def save(state: dict, directory, epoch: int, keep: int = 3) -> Path:
-    """Write state as the checkpoint of `epoch` and keep only the newest `keep` checkpoints."""
+def save(state: dict, directory, epoch: int, step: int = 0, keep: int = 3) -> Path:
+    """Write state as the checkpoint of (epoch, step); keep only the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / NAME.format(epoch=epoch)
+    final = directory / name(epoch, step)
     tmp = directory / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     _fsync_dir(directory)
     for old in checkpoints(directory)[:-keep]:

@@ -4,6 +4,7 @@ An ImageFolder under the data directory is used when there is one (one sub-folde
 otherwise a synthetic dataset that a small model can learn, so the job runs with no downloads.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -38,10 +39,10 @@ def build_dataset(data_dir, samples: int, seed: int = 0):
         raise DataError(f"data directory {data_dir} does not exist")
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} is not a directory")
-    try:
-        found = has_images(data_dir)
-    except PermissionError as err:
-        raise DataError(f"data directory {data_dir} is not readable: {err}") from err
+    # pathlib's rglob skips folders it cannot read without a word: check first.
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise DataError(f"data directory {data_dir} is not readable by uid {os.getuid()}")
+    found = has_images(data_dir)
     if not found:
         return (
             synthetic(samples, seed=seed),

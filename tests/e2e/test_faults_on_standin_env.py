@@ -1,0 +1,248 @@
+"""Faults and bad input with real containers: the job recovers or fails fast, and loses nothing.
+
+Replaced here: the conda env stage only (the runtime stage is built on the stand-in env image,
+see scripts/standin-image.sh). Times are recorded in build/e2e-timings.json, not asserted.
+"""
+
+import re
+import subprocess
+import time
+
+from helpers import record, sh
+
+CRASHING_SCRIPT = 'import sys\nprint("crashing on purpose", flush=True)\nsys.exit(3)\n'
+
+
+def epochs_logged(text):
+    return [int(n) for n in re.findall(r"epoch (\d+)/\d+ loss", text)]
+
+
+def start_up(project, *args):
+    """`make up` in the background; returns the process (stdout and stderr merged)."""
+    return subprocess.Popen(
+        ["make", "up", f"ENV_IMAGE={project.env_image}", *args],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until(process, pattern, lines, timeout=180):
+    """Read the output into `lines` until a line matches; the time it matched."""
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return time.monotonic()
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-50:]))
+
+
+def finish(process, lines, timeout=300):
+    out, _ = process.communicate(timeout=timeout)
+    lines.append(out)
+    return "".join(lines)
+
+
+def test_build(project):
+    project.make("build", timeout=900)
+
+
+def test_killed_worker_job_reforms_resumes_and_finishes(project):
+    process = start_up(
+        project,
+        "NODES=3",
+        "ARGS=--epochs 6 --samples 4096 --checkpoint-dir /checkpoints/kill-worker",
+    )
+    lines = []
+    read_until(process, r"epoch 2/6", lines)
+    sh(["docker", "kill", f"{project.name}-worker-1"])
+    killed = time.monotonic()
+    resumed = read_until(process, r"resumed from \S+: epoch \d+ done", lines)
+    out = finish(process, lines)
+    assert process.returncode == 0, out[-3000:]
+    resumed_at = int(re.search(r"resumed from \S+: epoch (\d+) done", out).group(1))
+    assert resumed_at >= 2
+    assert sorted(set(epochs_logged(out))) == [1, 2, 3, 4, 5, 6]
+    assert re.findall(r"world size (\d+)", out)[-1] == "2"
+    assert f"{project.name}-worker-1 exited with status 137" in out
+    record(worker_killed_to_resumed_s=round(resumed - killed, 1))
+
+
+def test_killed_master_every_container_exits_nonzero(project):
+    process = start_up(
+        project,
+        "NODES=3",
+        "ARGS=--epochs 50 --samples 4096 --checkpoint-dir /checkpoints/kill-master",
+    )
+    lines = []
+    read_until(process, r"epoch 1/50", lines)
+    sh(["docker", "kill", f"{project.name}-master-1"])
+    killed = time.monotonic()
+    out = finish(process, lines)
+    all_exited = time.monotonic() - killed
+    assert process.returncode != 0
+    assert "make up: FAILED: the master exited with status 137" in out
+    codes = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout.split(
+        "\n"
+    )
+    services = [c.split() for c in codes if c]
+    assert len(services) == 3 and all(code != "0" for _, code in services), codes
+    assert project.compose("ps", "-q").stdout.strip() == "", "no container may be left running"
+    record(master_killed_to_all_exited_s=round(all_exited, 1))
+
+
+def test_restarts_exhausted_fail_with_a_reason(project):
+    (project.root / "crash.py").write_text(CRASHING_SCRIPT)
+    started = time.monotonic()
+    result = project.make("up", "SCRIPT=crash.py", "MAX_RESTARTS=1", check=False, timeout=300)
+    seconds = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert out.count("crashing on purpose") >= 2, "torchrun must have restarted it once"
+    assert "make up: FAILED: the master exited with status 1" in out
+    assert project.compose("ps", "-q").stdout.strip() == ""
+    record(restarts_exhausted_to_exit_s=round(seconds, 1))
+
+
+def test_make_down_saves_a_checkpoint_and_next_up_resumes(project):
+    args = "ARGS=--epochs 40 --samples 8192 --checkpoint-dir /checkpoints/graceful"
+    process = start_up(project, args)
+    lines = []
+    read_until(process, r"epoch 2/40", lines)
+    time.sleep(1)
+    started = time.monotonic()
+    project.make("down")
+    stopped = time.monotonic() - started
+    out = finish(process, lines)
+    saved = re.search(
+        r"stop requested: saved /checkpoints/graceful/(\S+) at epoch \d+ step (\d+)", out
+    )
+    assert saved, out[-3000:]
+    assert "make up: STOPPED" in out
+    assert (project.root / "checkpoints" / "graceful" / saved.group(1)).exists()
+    again = project.make("up", args.replace("40", "4"))
+    assert re.search(
+        rf"resumed from /checkpoints/graceful/{re.escape(saved.group(1))}", again.stdout
+    )
+    assert "epoch 4/4" in again.stdout
+    record(make_down_during_training_s=round(stopped, 1))
+
+
+def test_slow_network_still_completes(project):
+    """tc netem delay on the master's interface, set from the host (the containers have no
+    NET_ADMIN); the same job with and without it."""
+    args = {"ARGS": "--epochs 2 --samples 2048 --checkpoint-dir /checkpoints/netem-{}"}
+    rates = {}
+    for delay in ("0ms", "5ms"):
+        env = {"ARGS": args["ARGS"].format(delay)}
+        project.compose("down", "--remove-orphans")
+        project.compose("up", "--detach", "--no-deps", "master", **env)
+        pid = sh(["docker", "inspect", "-f", "{{.State.Pid}}", f"{project.name}-master-1"]).stdout
+        if delay != "0ms":
+            sh(
+                [
+                    "nsenter",
+                    "-t",
+                    pid.strip(),
+                    "-n",
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "netem",
+                    "delay",
+                    delay,
+                ]
+            )
+        project.compose("up", "--detach", "--no-deps", "worker", **env)
+        project.compose("wait", "master", timeout=600)
+        log = project.logs("master")
+        assert "epoch 2/2" in log and "final loss" in log, log[-2000:]
+        rates[delay] = float(re.findall(r"epoch 2/2 .* samples/s (\d+)", log)[-1])
+    project.compose("down", "--remove-orphans")
+    record(
+        netem_5ms_samples_per_s=rates["5ms"],
+        netem_none_samples_per_s=rates["0ms"],
+        netem_5ms_slowdown=round(rates["0ms"] / rates["5ms"], 2),
+    )
+
+
+def test_worker_gives_up_when_the_master_never_comes(project):
+    started = time.monotonic()
+    result = project.compose(
+        "run", "--rm", "--no-deps", "-e", "WAIT_TIMEOUT=3", "worker", check=False, timeout=60
+    )
+    assert result.returncode == 1
+    assert "ERROR: master master:29500 did not answer within 3s" in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_unreadable_data_dir_is_refused_with_a_message(project):
+    data = project.root / "data"
+    data.chmod(0o000)
+    try:
+        result = project.make("up", "MAX_RESTARTS=0", check=False, timeout=300)
+    finally:
+        data.chmod(0o755)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ERROR: data directory /data is not readable by uid 1000" in out
+
+
+def test_corrupt_checkpoint_is_moved_aside_not_deleted(project):
+    folder = project.root / "checkpoints" / "corrupt"
+    folder.mkdir()
+    (folder / "ckpt-epoch0009.pt").write_bytes(b"not a checkpoint")
+    sh(["chown", "-R", "1000:1000", folder])
+    result = project.make(
+        "up", "ARGS=--epochs 1 --samples 512 --checkpoint-dir /checkpoints/corrupt"
+    )
+    assert "does not load" in result.stdout
+    assert (folder / "ckpt-epoch0009.pt.corrupt").read_bytes() == b"not a checkpoint"
+    assert (folder / "ckpt-epoch0001.pt").exists()
+
+
+def test_image_holds_no_git_data_checkpoints_or_secrets(project):
+    planted = [
+        ".git/config",
+        "data/cat/1.png",
+        "checkpoints/ckpt-epoch0001.pt",
+        ".env.local",
+        "docker/server.key",
+        "id_rsa.pem",
+    ]
+    for path in planted:
+        target = project.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("secret")
+    try:
+        project.make("build")
+        listing = sh(
+            ["docker", "run", "--rm", "--entrypoint", "find", f"{project.name}:latest", "/app"]
+        ).stdout.split()
+    finally:
+        for path in planted:
+            (project.root / path).unlink()
+    for path in planted:
+        assert f"/app/{path}" not in listing
+    assert "/app/train_dist.py" in listing
+
+
+def test_security_defaults_in_the_running_containers(project):
+    ids = project.compose("ps", "--all", "-q").stdout.split()
+    assert ids
+    for line in sh(
+        [
+            "docker",
+            "inspect",
+            "-f",
+            "{{.Config.User}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} "
+            "{{.HostConfig.PortBindings}}",
+            *ids,
+        ]
+    ).stdout.splitlines():
+        assert line == "1000:1000 [ALL] [no-new-privileges:true] map[]", line
