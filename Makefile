@@ -11,7 +11,7 @@ DEMO_DIR ?= build/demo
 DEMO_ANSWERS ?=
 ENV_IMAGE ?= env
 
-.PHONY: help venv test test-host lint demo standin-image docker-start docker-stop clean
+.PHONY: help venv test test-host lint demo bench standin-image docker-start docker-stop clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,9 @@ demo: venv ## Render the default project into build/demo and run its `make up`
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/cookiecutter --no-input --output-dir $(DEMO_DIR) . $(DEMO_ANSWERS)
 	$(MAKE) -C $(DEMO_DIR)/ddp-project up ENV_IMAGE=$(ENV_IMAGE)
+
+bench: standin-image ## Measure start-up, overhead, scaling, collectives, rebuilds (bench/results.*)
+	$(VENV)/bin/python bench/bench.py
 
 standin-image: venv ## Build the registry-free stand-in for the conda env stage (root, Docker)
 	rm -rf build/standin

@@ -123,6 +123,11 @@ def test_compose_config_carries_the_answers(project):
     if answers.get("gpu") == "yes":
         assert all(r["devices"][0]["driver"] == "nvidia" for r in gpu)
         assert all(r["devices"][0]["capabilities"] == ["gpu"] for r in gpu)
+        assert all(r["devices"][0]["count"] == -1 for r in gpu)  # "all"
+        for service in (master, worker):
+            assert service["environment"]["NCCL_SOCKET_IFNAME"] == "eth0"
+            assert service["environment"]["DDP_BACKEND"] == "nccl"
+            assert service["ulimits"]["memlock"] == -1
     else:
         assert gpu == [None, None]
 

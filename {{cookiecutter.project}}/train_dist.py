@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import checkpoint
 from {{ cookiecutter.package }}.data import DataError, build_dataset, make_loader
+from {{ cookiecutter.package }}.metrics import MetricsLog
 from {{ cookiecutter.package }}.model import SmallCNN
 
 log = logging.getLogger("train")
@@ -60,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=_positive(int), default=2048, help="synthetic dataset size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
     p.add_argument(
         "--timeout",
         type=_positive(int),
@@ -69,18 +71,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup_logging(master_process, log_dir):
+def setup_logging(rank, log_dir):
+    """Rank 0 logs INFO to stdout and train.log; other ranks only warnings. Each line names
+    the node (hostname) and the rank."""
     handlers = [logging.StreamHandler(sys.stdout)]
-    if master_process:
+    if rank == 0:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(log_dir) / "train.log"))
     logging.basicConfig(
-        level=logging.INFO if master_process else logging.WARNING,
-        format="%(asctime)s %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [{os.uname().nodename} r{rank}] %(message)s",
         datefmt="%H:%M:%S",
         handlers=handlers,
         force=True,
     )
+
+
+def progress_bar(loader, enabled, description):
+    """A tqdm bar on a terminal; plain log lines (no bar) anywhere else, e.g. in containers."""
+    if not enabled or not sys.stderr.isatty():
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=description, leave=False)
 
 
 class GracefulStop:
@@ -103,7 +116,9 @@ class GracefulStop:
         return bool(flag.item())
 
 
-def run_epoch(model, loader, optimizer, device, skip=0, should_stop=lambda: False):
+def run_epoch(
+    model, loader, optimizer, device, skip=0, should_stop=lambda: False, bf16=False, progress=False
+):
     """Train one epoch from batch `skip` on.
 
     Return (sum of losses, correct predictions, samples) on this rank, the number of batches
@@ -112,14 +127,15 @@ def run_epoch(model, loader, optimizer, device, skip=0, should_stop=lambda: Fals
     model.train()
     totals = torch.zeros(3, dtype=torch.float64)
     step = 0
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, labels) in enumerate(progress_bar(loader, progress, "train")):
         if step < skip:
             continue
         if should_stop():
             return totals, step, True
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -151,23 +167,35 @@ def check_in_step(model, ddp, world_size):
         raise RuntimeError("ranks ended with different weights")
 
 
+def pick_device(backend, rank):
+    """CPU for gloo; for nccl, GPU `rank mod GPUs`.
+
+    Not LOCAL_RANK: on one host every Compose node sees all GPUs and runs local rank 0, so
+    LOCAL_RANK would put every node on GPU 0. With one node per host and NPROC_PER_NODE equal
+    to its GPUs, rank mod GPUs is LOCAL_RANK.
+    """
+    if backend != "nccl":
+        return torch.device("cpu")
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    # Fixed input shapes: let cuDNN pick its fastest kernels once.
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
 def train(args, stop):
     """Train; return 0 when done, or the exit code of a requested stop."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend=args.backend, timeout=timedelta(seconds=args.timeout))
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
-        rank, world_size, local_rank = 0, 1, 0
+        rank, world_size = 0, 1
     master_process = rank == 0
-    setup_logging(master_process, args.log_dir)
+    setup_logging(rank, args.log_dir)
+    metrics_log = MetricsLog(args.log_dir, enabled=master_process)
     try:
-        if args.backend == "nccl":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        device = pick_device(args.backend, rank)
         torch.manual_seed(args.seed)
         dataset, num_classes, description = build_dataset(args.data_dir, args.samples, args.seed)
         loader, sampler = make_loader(
@@ -200,9 +228,7 @@ def train(args, stop):
             if state["loss"] is not None:
                 metrics = (state["loss"], state["accuracy"])
             log.info("resumed from %s: epoch %d done, step %d", path, start_epoch, start_step)
-        net = (
-            DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
-        )
+        net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
 
         def save(epoch, step):
             if master_process:
@@ -221,7 +247,14 @@ def train(args, stop):
             started = time.perf_counter()
             skip = start_step if epoch == start_epoch else 0
             totals, step, stopped = run_epoch(
-                net, loader, optimizer, device, skip, lambda: stop.agreed(ddp, device)
+                net,
+                loader,
+                optimizer,
+                device,
+                skip,
+                lambda: stop.agreed(ddp, device),
+                args.bf16,
+                progress=master_process,
             )
             if stopped:
                 saved = save(epoch, step)
@@ -235,6 +268,13 @@ def train(args, stop):
             loss_sum, correct, seen = totals.tolist()
             metrics = (loss_sum / seen, correct / seen)
             save(epoch + 1, 0)
+            metrics_log.record(
+                epoch + 1,
+                loss=metrics[0],
+                accuracy=metrics[1],
+                samples_per_s=seen / seconds,
+                world_size=world_size,
+            )
             log.info(
                 "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
                 epoch + 1,
@@ -247,8 +287,15 @@ def train(args, stop):
             raise RuntimeError("no epoch ran and no checkpoint holds metrics")
         check_in_step(model, ddp, world_size)
         log.info("final loss %.4f accuracy %.3f", *metrics)
+        if device.type == "cuda":
+            log.info(
+                "peak GPU memory %.0f MiB on %s",
+                torch.cuda.max_memory_allocated(device) / 2**20,
+                torch.cuda.get_device_name(device),
+            )
         return 0
     finally:
+        metrics_log.close()
         if ddp:
             dist.destroy_process_group()
 

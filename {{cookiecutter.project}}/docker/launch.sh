@@ -60,6 +60,11 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
   export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
 fi
 
+# Everything this node prints also goes to the host's logs/ folder, one file per node.
+if [ -n "${LOG_DIR:-}" ] && [ -d "$LOG_DIR" ] && [ -w "$LOG_DIR" ]; then
+  exec > >(tee -a "${LOG_DIR}/node-$(hostname).log") 2>&1
+fi
+
 echo "${NODE_ROLE:-master} ${local_addr}: torchrun ${SCRIPT} ${ARGS} (nodes ${MIN_NODES}-${NNODES}, threads ${OMP_NUM_THREADS})"
 # ARGS is split into words on purpose: it carries several arguments in one variable.
 # shellcheck disable=SC2086

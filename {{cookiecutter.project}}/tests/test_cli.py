@@ -1,5 +1,6 @@
 """The training script as a user runs it: arguments, errors, a short run, resume, torchrun."""
 
+import json
 import os
 import re
 import signal
@@ -84,6 +85,11 @@ def test_single_process_trains_checkpoints_and_resumes(tmp_path):
         "ckpt-epoch0002.pt",
     ]
     assert "final loss" in (tmp_path / "logs" / "train.log").read_text()
+    assert re.search(r"^\d\d:\d\d:\d\d \[\S+ r0\] epoch 1/2 loss", first.stdout, re.MULTILINE)
+    metrics = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"loss", "accuracy", "samples_per_s"} <= set(metrics[0])
+    assert list((tmp_path / "logs" / "tb").glob("events.out.tfevents.*"))
 
     again = _train(tmp_path, "--epochs", "3")
     assert again.returncode == 0, again.stderr
@@ -201,3 +207,23 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     assert process.returncode != 0
     assert re.search(r"stop requested: saved \S+/ckpt-epoch0001(-step\d+)?\.pt", out), out
     assert "Traceback" not in out.split("stop requested")[0]
+
+
+def test_backend_follows_ddp_backend_then_the_hardware(monkeypatch):
+    monkeypatch.setenv("DDP_BACKEND", "nccl")
+    assert train_dist.parse_args([]).backend == "nccl"
+    monkeypatch.delenv("DDP_BACKEND")
+    monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: False)
+    assert train_dist.parse_args([]).backend == "gloo"
+    monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: True)
+    assert train_dist.parse_args([]).backend == "nccl"
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(train_dist.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(train_dist.torch.cuda, "set_device", chosen.append)
+    assert train_dist.pick_device("gloo", 3).type == "cpu"
+    devices = [train_dist.pick_device("nccl", rank).index for rank in range(6)]
+    assert devices == [0, 1, 2, 3, 0, 1]
+    assert len(chosen) == 6

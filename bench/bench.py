@@ -1,0 +1,280 @@
+"""`make bench`: start-up, overhead, scaling, collectives and rebuild, measured in one run.
+
+Renders the default project (Python 3.11) into build/bench, builds it on the stand-in env image
+(the conda env stage is the one part replaced, as in the tests), and writes bench/results.json,
+bench/results.md and bench/results.png. Every figure is the median of BENCH_REPEAT runs (3), with
+min and max. Exits 1 if a ratio is far off its target; the tests never time anything.
+"""
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+HERE = TEMPLATE / "bench"
+WORK = TEMPLATE / "build" / "bench"
+PROJECT = WORK / "ddp-bench"
+ENV_IMAGE = os.environ.get("STANDIN_IMAGE", "ddp-template-env:standin")
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+TRAIN_ARGS = "--epochs 3 --samples 4096 --batch-size 64"
+SIZES = [4096 * 4**i for i in range(8)]  # 4 KB .. 64 MB
+
+
+def run(args, env=None, check=True, timeout=900):
+    result = subprocess.run(
+        args,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ENV_IMAGE": ENV_IMAGE, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        sys.exit(
+            f"bench: {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
+    return result
+
+
+def compose(*args, env=None, **kwargs):
+    return run(["docker", "compose", *args], env=env, **kwargs)
+
+
+def spread(values):
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": [round(v, 4) for v in values],
+    }
+
+
+def job(nodes, script, args, cpus=1.0, env=None, files=("compose.yaml",), workers=None):
+    """Run one job in containers; return (time `up` was called, the master's log)."""
+    workers = nodes - 1 if workers is None else workers
+    env = {"NODES": str(nodes), "CPUS": str(cpus), "SCRIPT": script, "ARGS": args, **(env or {})}
+    flags = [f for name in files for f in ("-f", name)]
+    compose(*flags, "down", "--remove-orphans", env=env)
+    shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
+    started = time.time()
+    compose(*flags, "up", "--detach", "--scale", f"worker={workers}", env=env)
+    compose(*flags, "wait", "master", env=env, check=False)
+    log = compose(*flags, "logs", "--no-color", "--no-log-prefix", "master", env=env).stdout
+    compose(*flags, "down", "--remove-orphans", env=env)
+    return started, log
+
+
+def host_job(nprocs, script, args, threads=1):
+    env = {"OMP_NUM_THREADS": str(threads)}
+    env.pop("RANK", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nprocs}",
+        script,
+        *args.split(),
+    ]
+    return run(cmd, env=env).stdout
+
+
+def samples_per_s(log):
+    rates = [float(x) for x in re.findall(r"samples/s (\d+)", log)]
+    if len(rates) < 2:
+        sys.exit(f"bench: no throughput in the log:\n{log[-2000:]}")
+    return statistics.median(rates[1:])  # the first epoch pays for warm-up
+
+
+def collectives(log):
+    return {r["bytes"]: r["seconds"] for r in map(json.loads, re.findall(r"^\{.*\}$", log, re.M))}
+
+
+def seed_override(nodes):
+    """The seed's pattern: static ranks written per service, workers start after `sleep 10`."""
+    torchrun = (
+        "torchrun --nnodes {n} --node-rank {r} --nproc-per-node 1 --master-addr master "
+        "--master-port 29500 join.py"
+    )
+    services = {
+        "master": {"entrypoint": ["bash", "-c"], "command": [torchrun.format(n=nodes, r=0)]}
+    }
+    for rank in range(1, nodes):
+        services[f"seed-worker-{rank}"] = {
+            "image": "${IMAGE}",
+            "networks": ["ddp"],
+            "volumes": ["./:/app:ro"],
+            "working_dir": "/app",
+            "entrypoint": ["bash", "-c"],
+            "command": [f"sleep 10 && {torchrun.format(n=nodes, r=rank)}"],
+        }
+    path = PROJECT / "seed.yaml"
+    path.write_text(json.dumps({"services": services}, indent=2))
+    return path.name
+
+
+def bench_startup(results):
+    for nodes in (2, 4):
+        seconds = []
+        for _ in range(REPEAT):
+            started, log = job(nodes, "join.py", "", cpus=2 / nodes)
+            seconds.append(float(re.search(r"joined ([0-9.]+)", log).group(1)) - started)
+        results["startup_s"][f"{nodes}_nodes"] = spread(seconds)
+    seconds = []
+    for _ in range(REPEAT):
+        started, log = job(2, "join.py", "", files=("compose.yaml", seed_override(2)), workers=0)
+        seconds.append(float(re.search(r"joined ([0-9.]+)", log).group(1)) - started)
+    results["startup_s"]["seed_pattern_2_nodes"] = spread(seconds)
+
+
+def bench_overhead(results):
+    host, container = [], []
+    for _ in range(REPEAT):
+        host.append(samples_per_s(host_job(2, "train_dist.py", TRAIN_ARGS + BENCH_DIRS)))
+        container.append(samples_per_s(job(2, "train_dist.py", TRAIN_ARGS + CKPT)[1]))
+    results["overhead"] = {
+        "host_samples_per_s": spread(host),
+        "container_samples_per_s": spread(container),
+        "ratio": statistics.median(container) / statistics.median(host),
+    }
+    # Threads from the host's core count instead of the container's CPU limit.
+    oversubscribed = [
+        samples_per_s(
+            job(
+                2, "train_dist.py", TRAIN_ARGS + CKPT, env={"OMP_NUM_THREADS": str(os.cpu_count())}
+            )[1]
+        )
+        for _ in range(REPEAT)
+    ]
+    results["threads"] = {
+        "from_cgroup_limit_samples_per_s": spread(container),
+        f"from_host_cores_{os.cpu_count()}_samples_per_s": spread(oversubscribed),
+    }
+
+
+def bench_scaling(results):
+    sys.path.insert(0, str(PROJECT))
+    from ddp_bench.model import SmallCNN
+
+    grad_bytes = 4 * sum(p.numel() for p in SmallCNN().parameters())  # float32 gradients
+    for nodes in (1, 2, 4):
+        cpus = 2 / nodes
+        rates = [
+            samples_per_s(job(nodes, "train_dist.py", TRAIN_ARGS + CKPT, cpus=cpus)[1])
+            for _ in range(REPEAT)
+        ]
+        entry = {"cpus_per_node": cpus, "samples_per_s": spread(rates)}
+        if nodes > 1:
+            _, log = job(nodes, "collectives.py", f"--sizes {grad_bytes} --seconds 2", cpus=cpus)
+            entry["grad_allreduce_ms"] = 1000 * collectives(log)[grad_bytes]
+            entry["step_ms"] = 1000 * 64 * nodes / statistics.median(rates)
+        results["scaling"][f"{nodes}_nodes"] = entry
+
+
+def bench_collectives(results):
+    sizes = ",".join(map(str, SIZES))
+    bridge = collectives(job(2, "collectives.py", f"--sizes {sizes}")[1])
+    loopback = collectives(host_job(2, "collectives.py", f"--sizes {sizes}"))
+    results["allreduce_gbit_per_s"] = {
+        str(size): {
+            "docker_bridge": 8 * size / bridge[size] / 1e9,
+            "host_loopback": 8 * size / loopback[size] / 1e9,
+        }
+        for size in SIZES
+    }
+
+
+def bench_rebuild(results):
+    cold, code_only = [], []
+    for _ in range(REPEAT):
+        started = time.perf_counter()
+        compose("build", "--no-cache", "master")
+        cold.append(time.perf_counter() - started)
+        script = PROJECT / "train_dist.py"
+        script.write_text(script.read_text() + "\n# a code-only change\n")
+        started = time.perf_counter()
+        run(["make", "build", f"ENV_IMAGE={ENV_IMAGE}"])
+        code_only.append(time.perf_counter() - started)
+    size = {
+        image: int(run(["docker", "image", "inspect", "-f", "{{.Size}}", image]).stdout)
+        for image in (ENV_IMAGE, "ddp-bench:latest")
+    }
+    results["rebuild_s"] = {"cold_runtime_stage": spread(cold), "code_only": spread(code_only)}
+    results["runtime_stage_adds_mb"] = (size["ddp-bench:latest"] - size[ENV_IMAGE]) / 2**20
+
+
+CKPT = " --checkpoint-dir /checkpoints/bench"
+BENCH_DIRS = f" --checkpoint-dir {WORK}/bench-ckpt --log-dir {WORK}/bench-logs"
+
+
+def setup():
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cookiecutter",
+            "--no-input",
+            "-o",
+            str(WORK),
+            str(TEMPLATE),
+            "python_version=3.11",
+            "project=ddp-bench",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for name in ("join.py", "collectives.py"):
+        shutil.copy(HERE / name, PROJECT / name)
+    run(["make", "dirs"])
+    run(["make", "build", f"ENV_IMAGE={ENV_IMAGE}"])
+
+
+def machine():
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "docker": run(["docker", "version", "-f", "{{.Server.Version}}"]).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main():
+    setup()
+    results = {"machine": machine(), "repeat": REPEAT, "startup_s": {}, "scaling": {}}
+    try:
+        for step in (
+            bench_startup,
+            bench_overhead,
+            bench_scaling,
+            bench_collectives,
+            bench_rebuild,
+        ):
+            print(f"bench: {step.__name__[6:]} ...", flush=True)
+            step(results)
+    finally:
+        compose("down", "--remove-orphans", "--rmi", "all", check=False)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from report import write_report
+
+    summary = write_report(results, HERE)
+    print(summary)
+    problems = [
+        f"container/host throughput ratio {results['overhead']['ratio']:.2f} < 0.8"
+        for _ in [0]
+        if results["overhead"]["ratio"] < 0.8
+    ]
+    if problems:
+        sys.exit("bench: FAR OFF TARGET: " + "; ".join(problems))
+
+
+if __name__ == "__main__":
+    main()

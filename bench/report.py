@@ -1,0 +1,90 @@
+"""Turn bench results into a Markdown table and a PNG plot; return a short summary."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(entry, unit=""):
+    return f"{entry['median']:.2f}{unit} ({entry['min']:.2f}–{entry['max']:.2f})"
+
+
+def write_report(r, folder):
+    m = r["machine"]
+    rows = [
+        f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Docker {m['docker']}, {m['date']}; "
+        f"median (min–max) of {r['repeat']} runs.",
+        "",
+        "| figure | value | target |",
+        "| --- | --- | --- |",
+    ]
+    s = r["startup_s"]
+    rows += [
+        f"| start-up, 2 nodes (s) | {_fmt(s['2_nodes'])} | |",
+        f"| start-up, 4 nodes (s) | {_fmt(s['4_nodes'])} | < 5 |",
+        f"| start-up, seed's pattern (`sleep 10`, static ranks), 2 nodes (s) | "
+        f"{_fmt(s['seed_pattern_2_nodes'])} | > 10 by construction |",
+    ]
+    o = r["overhead"]
+    rows += [
+        f"| host torchrun, 2 processes (samples/s) | {_fmt(o['host_samples_per_s'])} | |",
+        f"| containers, 2 nodes x 1 CPU (samples/s) | {_fmt(o['container_samples_per_s'])} | |",
+        f"| container / host throughput | {o['ratio']:.3f} | >= 0.95 |",
+    ]
+    for name, entry in r["threads"].items():
+        rows.append(
+            f"| threads {name.replace('_samples_per_s', '')} (samples/s) | {_fmt(entry)} | |"
+        )
+    for name, entry in r["scaling"].items():
+        extra = ""
+        if "grad_allreduce_ms" in entry:
+            extra = (
+                f"; gradient all-reduce {entry['grad_allreduce_ms']:.2f} ms "
+                f"of a {entry['step_ms']:.1f} ms step"
+            )
+        rows.append(
+            f"| scaling {name.replace('_', ' ')} x {entry['cpus_per_node']:.2f} CPU (samples/s) | "
+            f"{_fmt(entry['samples_per_s'])}{extra} | |"
+        )
+    b = r["rebuild_s"]
+    rows += [
+        f"| rebuild after a code-only change (s) | {_fmt(b['code_only'])} | < 10 |",
+        f"| cold build of the runtime stage (s) | {_fmt(b['cold_runtime_stage'])} | |",
+        f"| size the runtime stage adds (MB) | {r['runtime_stage_adds_mb']:.1f} | |",
+    ]
+    rows += [
+        "",
+        "| all-reduce size | Docker bridge (Gbit/s) | host loopback (Gbit/s) |",
+        "| --- | --- | --- |",
+    ]
+    sizes = sorted(r["allreduce_gbit_per_s"], key=int)
+    for size in sizes:
+        e = r["allreduce_gbit_per_s"][size]
+        rows.append(
+            f"| {int(size) // 1024} KB | {e['docker_bridge']:.2f} | {e['host_loopback']:.2f} |"
+        )
+    (folder / "results.md").write_text("\n".join(rows) + "\n")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    kb = [int(size) / 1024 for size in sizes]
+    for key, label in (("docker_bridge", "Docker bridge"), ("host_loopback", "host loopback")):
+        left.plot(kb, [r["allreduce_gbit_per_s"][s][key] for s in sizes], marker="o", label=label)
+    left.set(
+        xscale="log",
+        xlabel="message size (KB)",
+        ylabel="all-reduce Gbit/s",
+        title="gloo all-reduce, 2 ranks",
+    )
+    left.legend()
+    nodes = [int(name.split("_")[0]) for name in r["scaling"]]
+    right.plot(nodes, [e["samples_per_s"]["median"] for e in r["scaling"].values()], marker="o")
+    right.set(
+        xlabel="nodes (2 CPUs split between them)",
+        ylabel="samples/s",
+        title="scaling on one host",
+        xticks=nodes,
+    )
+    fig.tight_layout()
+    fig.savefig(folder / "results.png", dpi=100)
+    return "\n".join(rows[2:10])
