@@ -97,12 +97,24 @@ def progress_bar(loader, enabled, description):
 
 
 class GracefulStop:
-    """Remembers a SIGTERM/SIGINT so that training stops between two steps, not inside one."""
+    """Inside `with stop:` (the training loop) a SIGTERM/SIGINT is remembered, so that training
+    stops between two steps; outside it they act as usual, so a process that is still joining
+    the job, or loading data, exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signal = signum
@@ -242,47 +254,48 @@ def train(args, stop):
                 }
                 return checkpoint.save(state, args.checkpoint_dir, epoch, step, keep=args.keep)
 
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            started = time.perf_counter()
-            skip = start_step if epoch == start_epoch else 0
-            totals, step, stopped = run_epoch(
-                net,
-                loader,
-                optimizer,
-                device,
-                skip,
-                lambda: stop.agreed(ddp, device),
-                args.bf16,
-                progress=master_process,
-            )
-            if stopped:
-                saved = save(epoch, step)
-                log.info("stop requested: saved %s at epoch %d step %d", saved, epoch + 1, step)
-                # The rank that got the signal exits with its code; the others fail, so that
-                # torchrun restarts them into a job without the stopped node.
-                return 128 + stop.signal if stop.signal else 1
-            if ddp:
-                dist.all_reduce(totals)
-            seconds = time.perf_counter() - started
-            loss_sum, correct, seen = totals.tolist()
-            metrics = (loss_sum / seen, correct / seen)
-            save(epoch + 1, 0)
-            metrics_log.record(
-                epoch + 1,
-                loss=metrics[0],
-                accuracy=metrics[1],
-                samples_per_s=seen / seconds,
-                world_size=world_size,
-            )
-            log.info(
-                "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
-                epoch + 1,
-                args.epochs,
-                metrics[0],
-                metrics[1],
-                seen / seconds,
-            )
+        with stop:
+            for epoch in range(start_epoch, args.epochs):
+                sampler.set_epoch(epoch)
+                started = time.perf_counter()
+                skip = start_step if epoch == start_epoch else 0
+                totals, step, stopped = run_epoch(
+                    net,
+                    loader,
+                    optimizer,
+                    device,
+                    skip,
+                    lambda: stop.agreed(ddp, device),
+                    args.bf16,
+                    progress=master_process,
+                )
+                if stopped:
+                    saved = save(epoch, step)
+                    log.info("stop requested: saved %s at epoch %d step %d", saved, epoch + 1, step)
+                    # The rank that got the signal exits with its code; the others fail, so that
+                    # torchrun restarts them into a job without the stopped node.
+                    return 128 + stop.signal if stop.signal else 1
+                if ddp:
+                    dist.all_reduce(totals)
+                seconds = time.perf_counter() - started
+                loss_sum, correct, seen = totals.tolist()
+                metrics = (loss_sum / seen, correct / seen)
+                save(epoch + 1, 0)
+                metrics_log.record(
+                    epoch + 1,
+                    loss=metrics[0],
+                    accuracy=metrics[1],
+                    samples_per_s=seen / seconds,
+                    world_size=world_size,
+                )
+                log.info(
+                    "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
+                    epoch + 1,
+                    args.epochs,
+                    metrics[0],
+                    metrics[1],
+                    seen / seconds,
+                )
         if metrics is None:
             raise RuntimeError("no epoch ran and no checkpoint holds metrics")
         check_in_step(model, ddp, world_size)

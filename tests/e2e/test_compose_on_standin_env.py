@@ -9,6 +9,7 @@ order, each with its own checkpoint folder.
 import json
 import re
 import time
+import urllib.request
 
 from helpers import record, sh
 
@@ -52,6 +53,13 @@ def test_build_then_up_trains_to_completion(project):
     assert checkpoint.exists() and "final loss" in log.read_text()
     for path in (checkpoint, log):
         assert (path.stat().st_uid, path.stat().st_gid) == (1000, 1000), path
+    # Per-node logs on the host, metrics as JSON lines and TensorBoard events.
+    logs = project.root / "logs"
+    node_logs = sorted(p.name for p in logs.glob("node-*.log"))
+    assert "node-master.log" in node_logs and len(node_logs) == 2, node_logs
+    assert "epoch 3/3" in (logs / "node-master.log").read_text()
+    assert len((logs / "metrics.jsonl").read_text().splitlines()) == 3
+    assert list((logs / "tb").glob("events.out.tfevents.*"))
 
 
 def test_limits_shm_and_non_root_user(project):
@@ -67,6 +75,28 @@ def test_limits_shm_and_non_root_user(project):
         assert container["Config"]["User"] == "1000:1000"
     whoami = project.compose("run", "--rm", "--no-deps", "master", "id", "-u").stdout.split()
     assert whoami[-1] == "1000"
+
+
+def test_make_plot_writes_a_png(project):
+    project.make("plot")
+    png = (project.root / "logs" / "metrics.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_make_tensorboard_serves_on_loopback(project):
+    project.make("tensorboard")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:6006/", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, project.logs("tensorboard")
+                time.sleep(2)
+    finally:
+        project.compose("--profile", "tensorboard", "rm", "--stop", "--force", "tensorboard")
 
 
 def test_four_nodes_have_distinct_hosts_and_identical_weights(project):
@@ -97,7 +127,7 @@ def test_worker_started_first_waits_for_the_master(project):
     project.compose("down", "--remove-orphans")
     project.compose("up", "--detach", "--no-deps", "worker", **args)
     deadline = time.monotonic() + 60
-    while "waiting for master master:29500" not in project.logs("worker"):
+    while "waiting for master master:29400" not in project.logs("worker"):
         assert time.monotonic() < deadline, project.logs("worker")
         time.sleep(1)
     time.sleep(3)
@@ -105,7 +135,7 @@ def test_worker_started_first_waits_for_the_master(project):
     project.compose("up", "--detach", "--no-deps", "master", **args)
     project.compose("wait", "worker", "master", timeout=300)
     worker_log = project.logs("worker")
-    assert re.search(r"master master:29500 is up after \d+s", worker_log), worker_log
+    assert re.search(r"master master:29400 is up after \d+s", worker_log), worker_log
     assert "final loss" in project.logs("master")
     codes = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout
     assert sorted(codes.split("\n")[:-1]) == ["master 0", "worker 0"], codes

@@ -177,7 +177,7 @@ def test_worker_gives_up_when_the_master_never_comes(project):
         "run", "--rm", "--no-deps", "-e", "WAIT_TIMEOUT=3", "worker", check=False, timeout=60
     )
     assert result.returncode == 1
-    assert "ERROR: master master:29500 did not answer within 3s" in result.stderr
+    assert "ERROR: master master:29400 did not answer within 3s" in result.stderr
     assert time.monotonic() - started < 60
 
 

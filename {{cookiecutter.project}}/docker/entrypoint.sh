@@ -4,7 +4,7 @@
 set -o errexit -o nounset -o pipefail
 
 MASTER_ADDR="${MASTER_ADDR:-master}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_PORT="${RDZV_PORT:-29400}"
 WAIT_TIMEOUT="${WAIT_TIMEOUT:-60}"
 REJOIN_TIMEOUT="${REJOIN_TIMEOUT:-10}"
 
@@ -19,20 +19,20 @@ touch "$marker"
 if [ -z "${NODE_ROLE:-}" ]; then
   if [ "$(hostname)" = "$MASTER_ADDR" ]; then NODE_ROLE=master; else NODE_ROLE=worker; fi
 fi
-export NODE_ROLE MASTER_ADDR MASTER_PORT
+export NODE_ROLE MASTER_ADDR RDZV_PORT
 
 wait_for_master() {
   local started=$SECONDS
-  echo "waiting for master ${MASTER_ADDR}:${MASTER_PORT} (timeout ${WAIT_TIMEOUT}s)"
+  echo "waiting for master ${MASTER_ADDR}:${RDZV_PORT} (timeout ${WAIT_TIMEOUT}s)"
   # Each try is bounded too: a connect to an address that drops packets can hang for minutes.
-  until timeout 2 bash -c ": >/dev/tcp/${MASTER_ADDR}/${MASTER_PORT}" 2>/dev/null; do
+  until timeout 2 bash -c ": >/dev/tcp/${MASTER_ADDR}/${RDZV_PORT}" 2>/dev/null; do
     if (( SECONDS - started >= WAIT_TIMEOUT )); then
-      echo "ERROR: master ${MASTER_ADDR}:${MASTER_PORT} did not answer within ${WAIT_TIMEOUT}s" >&2
+      echo "ERROR: master ${MASTER_ADDR}:${RDZV_PORT} did not answer within ${WAIT_TIMEOUT}s" >&2
       exit 1
     fi
     sleep 1
   done
-  echo "master ${MASTER_ADDR}:${MASTER_PORT} is up after $(( SECONDS - started ))s"
+  echo "master ${MASTER_ADDR}:${RDZV_PORT} is up after $(( SECONDS - started ))s"
 }
 
 if [ "$NODE_ROLE" != master ]; then

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Run SCRIPT under torchrun, elastic: a c10d rendezvous whose store the master hosts on
-# MASTER_ADDR:MASTER_PORT, between MIN_NODES and NNODES nodes, with MAX_RESTARTS restarts.
+# MASTER_ADDR:RDZV_PORT, between MIN_NODES and NNODES nodes, with MAX_RESTARTS restarts.
 #
 # Ranks: c10d sorts nodes by their address, so the master announces itself as MASTER_ADDR and
 # workers as "worker-<hostname>", which sorts after "master": the master is always node 0 and
-# hosts rank 0. Scripts written for a plain MASTER_ADDR=master/MASTER_PORT=29500 setup join the
-# rendezvous store on that port, so they run unchanged too.
+# hosts rank 0.
+#
+# Stores: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes rank 0 of every round host a fresh store
+# for the process group, instead of reusing one across rounds, where keys left by the round
+# before (a dead rank's address) break the next one after a node is lost. It also lets scripts
+# written for a plain MASTER_ADDR=master/MASTER_PORT=29500 setup run unchanged: their rank 0
+# hosts the store on 29500, which the rendezvous (RDZV_PORT) leaves free.
 set -o errexit -o nounset -o pipefail
 
 SCRIPT="${SCRIPT:-train_dist.py}"
@@ -15,7 +20,7 @@ MIN_NODES="${MIN_NODES:-1}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_PORT="${RDZV_PORT:-29400}"
 RUN_ID="${RUN_ID:-ddp}"
 # Seconds the first node waits for the others, and then for stragglers once MIN_NODES are in;
 # a store that does not answer for RDZV_TIMEOUT seconds (the master is gone) ends the job.
@@ -65,6 +70,7 @@ if [ -n "${LOG_DIR:-}" ] && [ -d "$LOG_DIR" ] && [ -w "$LOG_DIR" ]; then
   exec > >(tee -a "${LOG_DIR}/node-$(hostname).log") 2>&1
 fi
 
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "${NODE_ROLE:-master} ${local_addr}: torchrun ${SCRIPT} ${ARGS} (nodes ${MIN_NODES}-${NNODES}, threads ${OMP_NUM_THREADS})"
 # ARGS is split into words on purpose: it carries several arguments in one variable.
 # shellcheck disable=SC2086
@@ -72,7 +78,7 @@ exec torchrun \
   --nnodes="${MIN_NODES}:${NNODES}" \
   --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d \
-  --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
+  --rdzv-endpoint="${MASTER_ADDR}:${RDZV_PORT}" \
   --rdzv-id="$RUN_ID" \
   --rdzv-conf="is_host=${is_host},${RDZV_CONF}" \
   --local-addr="$local_addr" \
