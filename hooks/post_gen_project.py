@@ -11,6 +11,11 @@ ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 OPTIONAL = (
     ("gpu", "yes", ["compose.gpu.yaml"]),
     ("mirror", "tuna", ["docker/condarc", "docker/pip.conf"]),
+    (
+        "cluster_engines",
+        "yes",
+        ["k8s", "slurm", "compose.swarm.yaml", "compose.node.yaml", "docker/swarm_stack.py"],
+    ),
 )
 
 
@@ -26,7 +31,7 @@ def remove_unused(root):
 
 
 def make_executable(root):
-    for script in (root / "docker").glob("*.sh"):
+    for script in [*(root / "docker").glob("*.sh"), *(root / "slurm").glob("*.sbatch")]:
         mode = script.stat().st_mode
         script.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 

@@ -69,7 +69,11 @@ def errors(a):
     for key in ("torch_version", "torchvision_version"):
         if not VERSION_RE.match(a[key]):
             yield f"{key} must be a version such as 2.14.1, got {a[key]!r}"
-    for key, choices in (("gpu", ("no", "yes")), ("mirror", ("none", "tuna"))):
+    for key, choices in (
+        ("gpu", ("no", "yes")),
+        ("mirror", ("none", "tuna")),
+        ("cluster_engines", ("yes", "no")),
+    ):
         if a[key] not in choices:
             yield f"{key} must be one of {', '.join(choices)}, got {a[key]!r}"
     for key1, value1, key2, value2, why in UNSUPPORTED:

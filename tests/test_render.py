@@ -22,6 +22,7 @@ COMBINATIONS = {
     "tuna": {"mirror": "tuna"},
     "miniforge": {"conda_distribution": "miniforge"},
     "miniconda-tos": {"accept_anaconda_tos": "yes"},
+    "no-cluster-files": {"cluster_engines": "no"},
     "custom-limits": {
         "cpus_per_node": "0.5",
         "memory_per_node": "1536M",
@@ -69,6 +70,7 @@ def test_shellcheck(project):
     _, root = project
     scripts = sorted(str(p) for p in (root / "docker").glob("*.sh"))
     assert len(scripts) == 2
+    scripts += [str(p) for p in (root / "slurm").glob("*.sbatch")]
     result = run([tool("shellcheck"), *scripts], root)
     assert result.returncode == 0, result.stdout
 
@@ -207,8 +209,16 @@ def test_dockerfile_follows_the_answers(project):
 
 def test_scripts_are_executable(project):
     _, root = project
-    for script in (root / "docker").glob("*.sh"):
+    for script in [*(root / "docker").glob("*.sh"), *(root / "slurm").glob("*.sbatch")]:
         assert script.stat().st_mode & stat.S_IXUSR, script
+
+
+def test_cluster_files_follow_the_answer(project):
+    answers, root = project
+    wanted = answers.get("cluster_engines", "yes") == "yes"
+    for path in ("k8s/pytorchjob.yaml", "k8s/job.yaml", "slurm/train.sbatch"):
+        assert (root / path).exists() == wanted, path
+    assert ("k8s-manifests:" in (root / "Makefile").read_text()) == wanted
 
 
 def test_answers_are_saved_for_template_updates(project):

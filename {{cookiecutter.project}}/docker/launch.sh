@@ -2,9 +2,10 @@
 # Run SCRIPT under torchrun, elastic: a c10d rendezvous whose store the master hosts on
 # MASTER_ADDR:RDZV_PORT, between MIN_NODES and NNODES nodes, with MAX_RESTARTS restarts.
 #
-# Ranks: c10d sorts nodes by their address, so the master announces itself as MASTER_ADDR and
-# workers as "worker-<hostname>", which sorts after "master": the master is always node 0 and
-# hosts rank 0.
+# Ranks: c10d sorts nodes by the address they announce. The master announces MASTER_ADDR (the
+# address the others reach it at); workers announce "~worker-<hostname>", which no one dials and
+# which sorts after any host name or IP ('~' follows letters and digits): the master is always
+# node 0 and holds rank 0.
 #
 # Stores: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes rank 0 of every round host a fresh store
 # for the process group, instead of reusing one across rounds, where keys left by the round
@@ -41,7 +42,7 @@ if [ "${NODE_ROLE:-master}" = master ]; then
   local_addr="${LOCAL_ADDR:-$MASTER_ADDR}"
 else
   is_host=0
-  local_addr="${LOCAL_ADDR:-worker-$(hostname)}"
+  local_addr="${LOCAL_ADDR:-~worker-$(hostname)}"
 fi
 
 # torchrun sets one thread per process only with several processes per node; a 1-CPU container

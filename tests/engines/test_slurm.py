@@ -1,0 +1,54 @@
+"""Slurm for real: a one-node cluster from Debian's slurm-wlm (scripts/slurm-cluster.sh) runs
+slurm/train.sbatch on the host's Python env. This machine is one node, so the job runs 2 tasks
+on it (two torchrun agents, 1 process each: world size 2) instead of one task on each of 2 nodes.
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import TEMPLATE, render, sh
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    started = sh(
+        ["bash", TEMPLATE / "scripts" / "slurm-cluster.sh", "start"], check=False, timeout=600
+    )
+    if started.returncode != 0:
+        pytest.fail("could not start a one-node Slurm cluster:\n" + started.stdout + started.stderr)
+    yield
+    sh(["bash", TEMPLATE / "scripts" / "slurm-cluster.sh", "stop"], check=False)
+
+
+def test_sbatch_runs_the_job_with_c10d_at_the_head_node(slurm, tmp_path):
+    project = render(tmp_path, python_version="3.11")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "ARGS": f"--epochs 2 --samples 512 --checkpoint-dir {tmp_path}/c --log-dir {tmp_path}/l",
+    }
+    submitted = sh(
+        [
+            "sbatch",
+            "--wait",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "slurm/train.sbatch",
+        ],
+        cwd=project,
+        env=env,
+        timeout=600,
+    )
+    job_id = submitted.stdout.strip().split(";")[0]
+    out = (project / "logs" / f"slurm-{job_id}.out").read_text()
+    assert "2 task(s) on 1 node(s) x 1 process(es)" in out, out[-3000:]
+    assert "world size 2" in out, out[-3000:]
+    losses = [float(x) for x in re.findall(r"epoch \d/2 loss ([0-9.]+)", out)]
+    assert len(losses) == 2 and "final loss" in out

@@ -1,0 +1,107 @@
+"""Beyond one host, without a cluster: the Kubernetes manifests validate against the published
+PyTorchJob CRD schema (read from ../shared/schemas or $PYTORCHJOB_SCHEMA, never copied here)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import TEMPLATE, render, sh, tool
+
+SCHEMA_NAME = "pytorchjob-kubeflow.org-v1.json"
+
+
+@pytest.fixture(scope="module")
+def schema():
+    path = Path(
+        os.environ.get("PYTORCHJOB_SCHEMA", TEMPLATE.parent / "shared" / "schemas" / SCHEMA_NAME)
+    )
+    if not path.exists():
+        message = f"the PyTorchJob schema is missing at {path} (set PYTORCHJOB_SCHEMA)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message + ": skipped outside CI")
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    root = render(tmp_path_factory.mktemp("k8s"), nodes=4)
+    sh(["make", "k8s-manifests", "IMAGE=registry.example.com/ml/ddp:1.0"], cwd=root)
+    out = root / "build" / "k8s"
+    return (
+        root,
+        yaml.safe_load((out / "pytorchjob.yaml").read_text()),
+        list(yaml.safe_load_all((out / "job.yaml").read_text())),
+    )
+
+
+def validate(schema_file, document, tmp_path, name):
+    target = tmp_path / f"{name}.json"
+    target.write_text(json.dumps(document))
+    return sh(
+        [tool("check-jsonschema"), "--schemafile", str(schema_file), str(target)], check=False
+    )
+
+
+def test_pytorchjob_validates_against_the_crd_schema(schema, manifests, tmp_path):
+    _, job, _ = manifests
+    result = validate(schema, job, tmp_path, "pytorchjob")
+    assert result.returncode == 0, result.stdout + result.stderr
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    assert job["spec"]["elasticPolicy"] == {
+        "rdzvBackend": "c10d",
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "maxRestarts": 3,
+    }
+    pod = specs["Worker"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["image"] == "registry.example.com/ml/ddp:1.0"
+    assert container["resources"]["limits"] == {"cpu": "1.0", "memory": "2Gi"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_the_validator_rejects_a_broken_pytorchjob(schema, manifests, tmp_path):
+    _, job, _ = manifests
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "three"
+    assert validate(schema, broken, tmp_path, "broken").returncode != 0
+
+
+def test_plain_job_pod_template_validates(schema, manifests, tmp_path):
+    _, _, documents = manifests
+    job = next(d for d in documents if d["kind"] == "Job")
+    full = json.loads(Path(schema).read_text())
+    template_schema = full["properties"]["spec"]["properties"]["pytorchReplicaSpecs"][
+        "additionalProperties"
+    ]["properties"]["template"]
+    schema_file = tmp_path / "podtemplatespec.json"
+    schema_file.write_text(json.dumps(template_schema))
+    result = validate(schema_file, job["spec"]["template"], tmp_path, "template")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job["apiVersion"] == "batch/v1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+
+
+def test_headless_service_names_pod_zero(manifests):
+    root, _, documents = manifests
+    service = next(d for d in documents if d["kind"] == "Service")
+    job = next(d for d in documents if d["kind"] == "Job")
+    name = root.name
+    assert service["metadata"]["name"] == name and job["metadata"]["name"] == name
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"job-name": name}
+    assert service["spec"]["ports"][0]["port"] == 29400
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == f"{name}-0.{name}"
+    assert "JOB_COMPLETION_INDEX" in pod["containers"][0]["args"][0]

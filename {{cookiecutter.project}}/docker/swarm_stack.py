@@ -1,0 +1,18 @@
+"""Turn `docker compose config --format json` into a stack file that `docker stack deploy`
+takes: its loader wants CPU limits as strings, no top-level `name` and no null fields.
+
+usage: docker compose -f compose.yaml -f compose.swarm.yaml config --format json \\
+         | python docker/swarm_stack.py > build/stack.json
+"""
+
+import json
+import sys
+
+config = json.load(sys.stdin)
+config.pop("name", None)
+for name, service in config["services"].items():
+    config["services"][name] = service = {k: v for k, v in service.items() if v is not None}
+    limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
+    if "cpus" in limits:
+        limits["cpus"] = str(limits["cpus"])
+json.dump(config, sys.stdout, indent=2)

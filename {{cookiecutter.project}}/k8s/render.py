@@ -1,0 +1,68 @@
+"""Fill the ${...} of the Kubernetes manifests in from .env and the environment.
+
+usage: python k8s/render.py OUT_DIR     (make k8s-manifests IMAGE=registry/name:tag)
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+from string import Template
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_env(path):
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def quantity(size):
+    """Compose sizes (2G = 2 GiB) as Kubernetes quantities (2Gi; 2G would be 10^9 bytes)."""
+    match = re.fullmatch(r"([0-9.]+)\s*([kmgKMG])?[bB]?", size)
+    if not match:
+        raise SystemExit(f"ERROR: {size!r} is not a size such as 2G")
+    number, unit = match.groups()
+    return number + (unit.upper() + "i" if unit else "")
+
+
+def settings():
+    env = read_env(HERE.parent / ".env")
+    # Settings given on the make command line (or in the environment) win over .env.
+    env.update({k: v for k, v in os.environ.items() if k in env})
+    values = {
+        **env,
+        "PROJECT": env["COMPOSE_PROJECT_NAME"],
+        "WORKERS": str(int(env["NODES"]) - 1),
+        "MEMORY": quantity(env["MEMORY"]),
+        "SHM_SIZE": quantity(env["SHM_SIZE"]),
+    }
+    return values
+
+
+def main(out_dir):
+    values = settings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for manifest in ("pytorchjob.yaml", "job.yaml"):
+        text = Template((HERE / manifest).read_text()).safe_substitute(values)
+        left = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
+        if left:
+            raise SystemExit(f"ERROR: {manifest}: no value for {', '.join(left)}")
+        (out / manifest).write_text(text)
+        print(f"wrote {out / manifest} (image {values['IMAGE']})")
+    if "/" not in values["IMAGE"]:
+        print(
+            f"note: {values['IMAGE']} names no registry: push the image, then run "
+            "make k8s-manifests IMAGE=registry.example.com/team/name:tag"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(sys.argv[1])
