@@ -71,13 +71,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def writable_dir(path):
+    """Create the folder if needed; refuse one this user cannot write, with a message."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        pass
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(
+            f"{path} is not writable by uid {os.getuid()}: "
+            "on the host, chown the folder to the container's APP_UID (make dirs does)"
+        )
+    return Path(path)
+
+
 def setup_logging(rank, log_dir):
     """Rank 0 logs INFO to stdout and train.log; other ranks only warnings. Each line names
     the node (hostname) and the rank."""
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(log_dir) / "train.log"))
+        handlers.append(logging.FileHandler(writable_dir(log_dir) / "train.log"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [{os.uname().nodename} r{rank}] %(message)s",
@@ -204,10 +217,13 @@ def train(args, stop):
     else:
         rank, world_size = 0, 1
     master_process = rank == 0
-    setup_logging(rank, args.log_dir)
-    metrics_log = MetricsLog(args.log_dir, enabled=master_process)
+    metrics_log = None
     try:
+        setup_logging(rank, args.log_dir)
+        metrics_log = MetricsLog(args.log_dir, enabled=master_process)
         device = pick_device(args.backend, rank)
+        if master_process:
+            writable_dir(args.checkpoint_dir)
         torch.manual_seed(args.seed)
         dataset, num_classes, description = build_dataset(args.data_dir, args.samples, args.seed)
         loader, sampler = make_loader(
@@ -308,7 +324,8 @@ def train(args, stop):
             )
         return 0
     finally:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         if ddp:
             dist.destroy_process_group()
 

@@ -104,6 +104,18 @@ def test_missing_data_dir_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    real_access = os.access
+    blocked = str(tmp_path / "ckpt")
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == blocked else real_access(p, m)
+    )
+    args = ["--epochs", "1", "--samples", "64", "--data-dir", str(tmp_path / "data")]
+    args += ["--checkpoint-dir", blocked, "--log-dir", str(tmp_path / "logs")]
+    assert train_dist.main(args) == 2
+
+
 def test_torchrun_two_processes_loss_decreases(tmp_path):
     (tmp_path / "data").mkdir()
     result = run(

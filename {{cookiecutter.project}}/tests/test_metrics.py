@@ -42,3 +42,8 @@ def test_plot_without_metrics_says_so(tmp_path):
 def test_no_progress_bar_without_a_terminal():
     loader = [1, 2, 3]
     assert train_dist.progress_bar(loader, enabled=True, description="x") is loader
+
+
+def test_plot_before_any_training_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="not found: train first"):
+        plot(tmp_path / "metrics.jsonl", tmp_path / "out.png")

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot(metrics_file, png_file):
+    if not Path(metrics_file).exists():
+        raise SystemExit(f"ERROR: {metrics_file} not found: train first (make up)")
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
     if not rows:
         raise SystemExit(f"ERROR: {metrics_file} holds no metrics yet: train first (make up)")

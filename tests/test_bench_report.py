@@ -1,0 +1,57 @@
+"""The benchmark's report turns results into a Markdown table and a PNG (no Docker needed)."""
+
+import sys
+
+from helpers import TEMPLATE
+
+sys.path.insert(0, str(TEMPLATE / "bench"))
+from report import write_report  # noqa: E402
+
+
+def spread(median):
+    return {"median": median, "min": median * 0.9, "max": median * 1.1, "runs": [median]}
+
+
+RESULTS = {
+    "machine": {"cores": 2, "memory_gib": 23.4, "docker": "20.10.24", "date": "2026-11-26"},
+    "repeat": 3,
+    "startup_s": {
+        "2_nodes": spread(3.1),
+        "4_nodes": spread(4.2),
+        "seed_pattern_2_nodes": spread(14.0),
+    },
+    "overhead": {
+        "host_samples_per_s": spread(2600.0),
+        "container_samples_per_s": spread(2550.0),
+        "ratio": 0.98,
+    },
+    "threads": {
+        "from_cgroup_limit_samples_per_s": spread(2550.0),
+        "from_host_cores_2_samples_per_s": spread(1900.0),
+    },
+    "scaling": {
+        "1_nodes": {"cpus_per_node": 2.0, "samples_per_s": spread(2000.0)},
+        "2_nodes": {
+            "cpus_per_node": 1.0,
+            "samples_per_s": spread(2500.0),
+            "grad_allreduce_ms": 0.4,
+            "step_ms": 50.0,
+        },
+    },
+    "allreduce_gbit_per_s": {
+        str(4096 * 4**i): {"docker_bridge": 1.0 + i, "host_loopback": 2.0 + i} for i in range(8)
+    },
+    "rebuild_s": {"cold_runtime_stage": spread(6.0), "code_only": spread(0.8)},
+    "runtime_stage_adds_mb": 0.4,
+}
+
+
+def test_report_writes_a_table_and_a_plot(tmp_path):
+    summary = write_report(RESULTS, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| start-up, 4 nodes (s) | 4.20 (3.78–4.62) | < 5 |" in table
+    assert "| container / host throughput | 0.980 | >= 0.95 |" in table
+    assert "| 64 KB |" in table and "| 65536 KB |" in table
+    assert "start-up" in summary
+    png = (tmp_path / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
