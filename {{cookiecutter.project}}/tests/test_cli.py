@@ -14,6 +14,15 @@ import pytest
 import train_dist
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc-per-node",
+    "2",
+    "train_dist.py",
+]
 
 
 def run(*args, cwd=ROOT):
@@ -119,13 +128,7 @@ def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeyp
 def test_torchrun_two_processes_loss_decreases(tmp_path):
     (tmp_path / "data").mkdir()
     result = run(
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "train_dist.py",
+        *TORCHRUN_2,
         "--epochs",
         "3",
         "--samples",
@@ -205,16 +208,7 @@ def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     (tmp_path / "data").mkdir()
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "train_dist.py",
-    ]
-    process = _start(tmp_path, *launcher)
+    process = _start(tmp_path, *TORCHRUN_2)
     out = _stop_after_first_epoch(process)
     assert process.returncode != 0
     assert re.search(r"stop requested: saved \S+/ckpt-epoch0001(-step\d+)?\.pt", out), out
