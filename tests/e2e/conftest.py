@@ -78,8 +78,9 @@ class Project:
         """`docker compose run`, with the exit code read from the container (Compose 2.40 on
         Engine 20.10 returns 0 whatever the command did); returns (code, output)."""
         name = f"{self.name}-run-{os.getpid()}"
-        result = self.compose("run", "--name", name, "--no-deps", service, *args, check=False,
-                              **env)
+        result = self.compose(
+            "run", "--name", name, "--no-deps", service, *args, check=False, **env
+        )
         code = sh(["docker", "inspect", "-f", "{{.State.ExitCode}}", name]).stdout.strip()
         sh(["docker", "rm", name])
         return int(code), result.stdout + result.stderr
