@@ -48,16 +48,14 @@ def template_copy(destination):
     return destination
 
 
+def pre_commit(folder):
+    return sh([tool("pre-commit"), "run", "--all-files"], cwd=folder, check=False, timeout=900)
+
+
 def test_pre_commit_passes_on_a_fresh_project(tmp_path):
     project = render(tmp_path)
     git_repo(project)
-    result = subprocess.run(
-        [tool("pre-commit"), "run", "--all-files"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = pre_commit(project)
     assert result.returncode == 0, result.stdout[-4000:]
     for hook in ("ruff", "ruff format", "shellcheck", "hadolint", "yamllint"):
         assert f"\n{hook}." in "\n" + result.stdout, hook
@@ -65,13 +63,7 @@ def test_pre_commit_passes_on_a_fresh_project(tmp_path):
 
 def test_pre_commit_passes_on_the_template_itself(tmp_path):
     copy = template_copy(tmp_path / "template")
-    result = subprocess.run(
-        [tool("pre-commit"), "run", "--all-files"],
-        cwd=copy,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = pre_commit(copy)
     assert result.returncode == 0, result.stdout[-4000:]
 
 
