@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parents[1]
@@ -57,7 +58,9 @@ def spread(values):
 
 
 def job(nodes, script, args, cpus=1.0, env=None, files=("compose.yaml",), workers=None):
-    """Run one job in containers; return (time `up` was called, the master's log)."""
+    """Run one job in containers; return (time `up` was called, the master's log, phases), where
+    phases holds the seconds after `up` at which the last container started and the last worker
+    had imported torch (its "waiting for master" line)."""
     workers = nodes - 1 if workers is None else workers
     env = {"NODES": str(nodes), "CPUS": str(cpus), "SCRIPT": script, "ARGS": args, **(env or {})}
     flags = [f for name in files for f in ("-f", name)]
@@ -67,8 +70,22 @@ def job(nodes, script, args, cpus=1.0, env=None, files=("compose.yaml",), worker
     compose(*flags, "up", "--detach", "--scale", f"worker={workers}", env=env)
     compose(*flags, "wait", "master", env=env, check=False)
     log = compose(*flags, "logs", "--no-color", "--no-log-prefix", "master", env=env).stdout
+    stamped = compose(*flags, "logs", "--no-color", "--timestamps", env=env).stdout
+    ids = compose(*flags, "ps", "--all", "--quiet", env=env).stdout.split()
+    starts = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", *ids]).stdout.split()
+    imported = re.findall(r"(\S+) waiting for master", stamped)
+    phases = {
+        "containers_started": max(map(epoch, starts)) - started,
+        "workers_imported": max(map(epoch, imported)) - started if imported else None,
+    }
     compose(*flags, "down", "--remove-orphans", env=env)
-    return started, log
+    return started, log, phases
+
+
+def epoch(stamp):
+    """Seconds since the epoch of Docker's RFC 3339 time (nanoseconds cut to microseconds)."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{whole}.{fraction[:6]:0<6}+00:00").timestamp()
 
 
 def host_job(nprocs, script, args, threads=1):
@@ -121,18 +138,43 @@ def seed_override(nodes):
     return path.name
 
 
-def bench_startup(results):
-    for nodes in (2, 4):
-        seconds = []
-        for _ in range(REPEAT):
-            started, log = job(nodes, "join.py", "", cpus=2 / nodes)
-            seconds.append(float(re.search(r"joined ([0-9.]+)", log).group(1)) - started)
-        results["startup_s"][f"{nodes}_nodes"] = spread(seconds)
+def import_seconds(cpus):
+    """Seconds `import torch` takes in the image with this CPU limit."""
     seconds = []
     for _ in range(REPEAT):
-        started, log = job(2, "join.py", "", files=("compose.yaml", seed_override(2)), workers=0)
-        seconds.append(float(re.search(r"joined ([0-9.]+)", log).group(1)) - started)
-    results["startup_s"]["seed_pattern_2_nodes"] = spread(seconds)
+        cmd = ["docker", "run", "--rm", f"--cpus={cpus}", "--entrypoint", "python", "ddp-bench"]
+        started = time.perf_counter()
+        run([*cmd, "-c", "import torch"])
+        bare = time.perf_counter()
+        run([*cmd, "-c", "pass"])
+        # The container's own start and stop are left out.
+        seconds.append((bare - started) - (time.perf_counter() - bare))
+    return spread(seconds)
+
+
+def bench_startup(results):
+    startup = results["startup_s"]
+
+    def joined(nodes, method="fork", **kwargs):
+        seconds, phases = [], []
+        for _ in range(REPEAT):
+            started, log, phase = job(nodes, "join.py", "", env={"START_METHOD": method}, **kwargs)
+            seconds.append(float(re.search(r"joined ([0-9.]+)", log).group(1)) - started)
+            phases.append(phase)
+        return spread(seconds), phases
+
+    for nodes in (2, 4):
+        startup[f"{nodes}_nodes"], phases = joined(nodes, cpus=2 / nodes)
+    # Where the 4-node start-up goes: medians over the runs above.
+    startup["4_nodes_phases"] = {
+        key: statistics.median(p[key] for p in phases) for key in phases[0]
+    }
+    startup["4_nodes_spawn"], _ = joined(4, method="spawn", cpus=0.5)
+    startup["import_torch_1_cpu"] = import_seconds(1)
+    startup["import_torch_0.5_cpu"] = import_seconds(0.5)
+    startup["seed_pattern_2_nodes"], _ = joined(
+        2, files=("compose.yaml", seed_override(2)), workers=0
+    )
 
 
 def bench_overhead(results):
@@ -173,7 +215,7 @@ def bench_scaling(results):
         ]
         entry = {"cpus_per_node": cpus, "samples_per_s": spread(rates)}
         if nodes > 1:
-            _, log = job(nodes, "collectives.py", f"--sizes {grad_bytes} --seconds 2", cpus=cpus)
+            log = job(nodes, "collectives.py", f"--sizes {grad_bytes} --seconds 2", cpus=cpus)[1]
             entry["grad_allreduce_ms"] = 1000 * collectives(log)[grad_bytes]
             entry["step_ms"] = 1000 * 64 * nodes / statistics.median(rates)
         results["scaling"][f"{nodes}_nodes"] = entry

@@ -18,6 +18,10 @@ RESULTS = {
     "startup_s": {
         "2_nodes": spread(3.1),
         "4_nodes": spread(4.2),
+        "4_nodes_phases": {"containers_started": 2.5, "workers_imported": 8.25},
+        "4_nodes_spawn": spread(16.0),
+        "import_torch_1_cpu": spread(3.5),
+        "import_torch_0.5_cpu": spread(7.0),
         "seed_pattern_2_nodes": spread(14.0),
     },
     "overhead": {
@@ -49,7 +53,9 @@ RESULTS = {
 def test_report_writes_a_table_and_a_plot(tmp_path):
     summary = write_report(RESULTS, tmp_path)
     table = (tmp_path / "results.md").read_text()
-    assert "| start-up, 4 nodes (s) | 4.20 (3.78–4.62) | < 5 |" in table
+    assert "| start-up, 4 nodes x 0.5 CPU (s) | 4.20 (3.78–4.62) | < 5 |" in table
+    assert "| - of which: last worker had imported torch (s) | 8.25 | |" in table
+    assert "0.5 CPU: the floor of a 4-node start-up (s) | 7.00 (6.30–7.70) |" in table
     assert "| container / host throughput | 0.980 | >= 0.95 |" in table
     assert "| 64 KB |" in table and "| 65536 KB |" in table
     assert "start-up" in summary

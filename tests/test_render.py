@@ -69,7 +69,7 @@ def test_hadolint(project):
 def test_shellcheck(project):
     _, root = project
     scripts = sorted(str(p) for p in (root / "docker").glob("*.sh"))
-    assert len(scripts) == 2
+    assert len(scripts) == 3
     scripts += [str(p) for p in (root / "slurm").glob("*.sbatch")]
     result = run([tool("shellcheck"), *scripts], root)
     assert result.returncode == 0, result.stdout

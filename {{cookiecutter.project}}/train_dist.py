@@ -45,10 +45,17 @@ def _positive(kind):
     return parse
 
 
+def default_backend():
+    """DDP_BACKEND if set; else nccl where this host has a GPU for each of its processes, and gloo
+    where it has not (nccl refuses two processes on one GPU)."""
+    if os.environ.get("DDP_BACKEND"):
+        return os.environ["DDP_BACKEND"]
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "nccl" if gpus >= processes else "gloo"
+
+
 def parse_args(argv=None):
-    default_backend = os.environ.get("DDP_BACKEND") or (
-        "nccl" if torch.cuda.is_available() else "gloo"
-    )
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=_positive(int), default=3, help="total epochs (default 3)")
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per process (default 64)")
@@ -60,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=_positive(int), default=3, help="checkpoints to keep")
     p.add_argument("--samples", type=_positive(int), default=2048, help="synthetic dataset size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend)
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend())
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
     p.add_argument(
         "--timeout",
@@ -150,7 +157,9 @@ def run_epoch(
     done, and whether it stopped early because a stop was requested.
     """
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64)
+    # On the training device: nccl reduces GPU tensors only, and .item() every step would wait
+    # for the GPU every step.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     step = 0
     for step, (images, labels) in enumerate(progress_bar(loader, progress, "train")):
         if step < skip:
@@ -165,9 +174,9 @@ def run_epoch(
         loss.backward()
         optimizer.step()
         n = labels.numel()
-        totals += torch.tensor(
-            [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64
-        )
+        totals[0] += loss.detach() * n
+        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[2] += n
     return totals, step + 1, False
 
 

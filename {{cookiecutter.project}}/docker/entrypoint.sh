@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Wait (bounded) for the master's rendezvous port unless this node is the master, then run the
-# command. The master is the node whose hostname is MASTER_ADDR, or any node with NODE_ROLE=master.
+# Decide this node's role, make a worker wait (bounded) for the master, then run the command.
+# The master is the node whose hostname is MASTER_ADDR, or any node with NODE_ROLE=master.
 set -o errexit -o nounset -o pipefail
 
 MASTER_ADDR="${MASTER_ADDR:-master}"
-RDZV_PORT="${RDZV_PORT:-29400}"
 WAIT_TIMEOUT="${WAIT_TIMEOUT:-60}"
 REJOIN_TIMEOUT="${REJOIN_TIMEOUT:-10}"
 
@@ -19,23 +18,11 @@ touch "$marker"
 if [ -z "${NODE_ROLE:-}" ]; then
   if [ "$(hostname)" = "$MASTER_ADDR" ]; then NODE_ROLE=master; else NODE_ROLE=worker; fi
 fi
-export NODE_ROLE MASTER_ADDR RDZV_PORT
+export NODE_ROLE MASTER_ADDR WAIT_TIMEOUT
 
-wait_for_master() {
-  local started=$SECONDS
-  echo "waiting for master ${MASTER_ADDR}:${RDZV_PORT} (timeout ${WAIT_TIMEOUT}s)"
-  # Each try is bounded too: a connect to an address that drops packets can hang for minutes.
-  until timeout 2 bash -c ": >/dev/tcp/${MASTER_ADDR}/${RDZV_PORT}" 2>/dev/null; do
-    if (( SECONDS - started >= WAIT_TIMEOUT )); then
-      echo "ERROR: master ${MASTER_ADDR}:${RDZV_PORT} did not answer within ${WAIT_TIMEOUT}s" >&2
-      exit 1
-    fi
-    sleep 1
-  done
-  echo "master ${MASTER_ADDR}:${RDZV_PORT} is up after $(( SECONDS - started ))s"
-}
-
-if [ "$NODE_ROLE" != master ]; then
-  wait_for_master
+# The launcher waits for the master itself, after importing torch (docker/torchrun.py): waiting
+# here first would start a worker's import only once the master's was done, adding the two.
+if [ "$NODE_ROLE" != master ] && [ "$(basename "${1:-}")" != launch.sh ]; then
+  "$(dirname "$0")/wait-for-master.sh"
 fi
 exec "$@"

@@ -12,6 +12,13 @@
 # before (a dead rank's address) break the next one after a node is lost. It also lets scripts
 # written for a plain MASTER_ADDR=master/MASTER_PORT=29500 setup run unchanged: their rank 0
 # hosts the store on 29500, which the rendezvous (RDZV_PORT) leaves free.
+#
+# Start-up: importing torch costs seconds of CPU. With START_METHOD=fork (.env's default on CPU)
+# the training processes are forked from torchrun's agent, which has imported torch already, and
+# run the script in that interpreter (--run-path): one import per node instead of two. spawn, the
+# default here and torchrun's, starts a fresh interpreter per process: needed for CUDA, which the
+# agent initialises and a forked process then cannot use, and for scripts that rely on atexit
+# handlers, which a forked process does not run.
 set -o errexit -o nounset -o pipefail
 
 SCRIPT="${SCRIPT:-train_dist.py}"
@@ -23,6 +30,7 @@ MAX_RESTARTS="${MAX_RESTARTS:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 RDZV_PORT="${RDZV_PORT:-29400}"
 RUN_ID="${RUN_ID:-ddp}"
+START_METHOD="${START_METHOD:-spawn}"
 # Seconds the first node waits for the others, and then for stragglers once MIN_NODES are in;
 # a store that does not answer for RDZV_TIMEOUT seconds (the master is gone) ends the job.
 JOIN_TIMEOUT="${JOIN_TIMEOUT:-120}"
@@ -36,6 +44,28 @@ if [ ! -f "$SCRIPT" ]; then
   echo "ERROR: SCRIPT '$SCRIPT' not found (paths are relative to the project folder, $(pwd))" >&2
   exit 2
 fi
+
+case "$START_METHOD" in
+  fork)
+    if [ "${DDP_BACKEND:-}" = nccl ]; then
+      echo "ERROR: START_METHOD=fork cannot use CUDA (nccl): set START_METHOD=spawn" >&2
+      exit 2
+    fi
+    # --run-path wants an absolute path; the script's folder goes first on sys.path.
+    script="$(realpath "$SCRIPT")"
+    PYTHONPATH="$(dirname "$script")${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH
+    start=(--start-method=fork --run-path)
+    ;;
+  spawn)
+    script="$SCRIPT"
+    start=()
+    ;;
+  *)
+    echo "ERROR: START_METHOD must be fork or spawn, not '$START_METHOD'" >&2
+    exit 2
+    ;;
+esac
 
 if [ "${NODE_ROLE:-master}" = master ]; then
   is_host=1
@@ -72,10 +102,10 @@ if [ -n "${LOG_DIR:-}" ] && [ -d "$LOG_DIR" ] && [ -w "$LOG_DIR" ]; then
 fi
 
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-echo "${NODE_ROLE:-master} ${local_addr}: torchrun ${SCRIPT} ${ARGS} (nodes ${MIN_NODES}-${NNODES}, threads ${OMP_NUM_THREADS})"
+echo "${NODE_ROLE:-master} ${local_addr}: torchrun ${SCRIPT} ${ARGS} (nodes ${MIN_NODES}-${NNODES}, threads ${OMP_NUM_THREADS}, ${START_METHOD})"
 # ARGS is split into words on purpose: it carries several arguments in one variable.
 # shellcheck disable=SC2086
-exec torchrun \
+exec python "$(dirname "$0")/torchrun.py" \
   --nnodes="${MIN_NODES}:${NNODES}" \
   --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-backend=c10d \
@@ -85,4 +115,5 @@ exec torchrun \
   --local-addr="$local_addr" \
   --max-restarts="$MAX_RESTARTS" \
   --monitor-interval=1 \
-  "$SCRIPT" $ARGS
+  "${start[@]}" \
+  "$script" $ARGS

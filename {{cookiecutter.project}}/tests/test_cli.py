@@ -183,7 +183,9 @@ def _stop_after_first_epoch(process):
     for line in process.stdout:
         lines.append(line)
         if "epoch 1/50" in line:
-            time.sleep(0.5)  # into the second epoch, so the checkpoint is a mid-epoch one
+            # Into a later epoch, so the checkpoint is most likely a mid-epoch one (which epoch
+            # depends on the machine: a GPU may finish the next one within the sleep).
+            time.sleep(0.5)
             process.send_signal(signal.SIGTERM)
             break
     out, _ = process.communicate(timeout=120)
@@ -194,16 +196,18 @@ def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
     (tmp_path / "data").mkdir()
     out = _stop_after_first_epoch(_start(tmp_path, sys.executable, "train_dist.py"))
     stopped = re.search(
-        r"stop requested: saved \S+/(ckpt-epoch0001(-step(\d+))?\.pt) at epoch 2", out
+        r"stop requested: saved \S+/(ckpt-epoch(\d{4})(-step(\d+))?\.pt) at epoch (\d+)", out
     )
     assert stopped, out
-    name, step = stopped.group(1), int(stopped.group(3) or 0)
+    name, done, step = stopped.group(1), int(stopped.group(2)), int(stopped.group(4) or 0)
+    epoch = int(stopped.group(5))
+    assert epoch == done + 1 >= 2
     assert (tmp_path / "ckpt" / name).exists()
 
-    again = _train(tmp_path, "--epochs", "2", "--samples", "4096", "--batch-size", "16")
+    again = _train(tmp_path, "--epochs", str(epoch), "--samples", "4096", "--batch-size", "16")
     assert again.returncode == 0, again.stderr
-    assert f"epoch 1 done, step {step}" in again.stdout
-    assert re.findall(r"epoch (\d+)/2", again.stdout) == ["2"]
+    assert f"epoch {done} done, step {step}" in again.stdout
+    assert re.findall(rf"epoch (\d+)/{epoch}", again.stdout) == [str(epoch)]
 
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
@@ -211,18 +215,23 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     process = _start(tmp_path, *TORCHRUN_2)
     out = _stop_after_first_epoch(process)
     assert process.returncode != 0
-    assert re.search(r"stop requested: saved \S+/ckpt-epoch0001(-step\d+)?\.pt", out), out
+    assert re.search(r"stop requested: saved \S+/ckpt-epoch\d{4}(-step\d+)?\.pt", out), out
     assert "Traceback" not in out.split("stop requested")[0]
 
 
-def test_backend_follows_ddp_backend_then_the_hardware(monkeypatch):
+def test_backend_follows_ddp_backend_then_the_gpus_per_process(monkeypatch):
     monkeypatch.setenv("DDP_BACKEND", "nccl")
     assert train_dist.parse_args([]).backend == "nccl"
     monkeypatch.delenv("DDP_BACKEND")
     monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: False)
     assert train_dist.parse_args([]).backend == "gloo"
     monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_dist.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert train_dist.parse_args([]).backend == "nccl"
+    # Two processes on a one-GPU host (make train-local): nccl would refuse to start.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train_dist.parse_args([]).backend == "gloo"
 
 
 def test_each_rank_gets_its_own_gpu(monkeypatch):
