@@ -310,6 +310,11 @@ def main():
             step(results)
     finally:
         compose("down", "--remove-orphans", "--rmi", "all", check=False)
+        # The rebuilds leave earlier images of the project untagged: remove them by its label.
+        label = f"label=com.docker.compose.project={PROJECT.name}"
+        images = run(["docker", "image", "ls", "-aq", "--filter", label]).stdout.split()
+        if images:
+            run(["docker", "image", "rm", "--force", *images], check=False)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     from report import write_report
 

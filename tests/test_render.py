@@ -118,7 +118,8 @@ def test_compose_config_carries_the_answers(project):
         assert volumes["/app"]["read_only"]
     assert master["hostname"] == "master"
     assert master["healthcheck"]["test"][0] == "CMD"
-    assert worker["depends_on"]["master"]["condition"] == "service_started"
+    # Workers wait for the master themselves; without depends_on, Compose stops all nodes at once.
+    assert "depends_on" not in worker
     assert "build" in master and "build" not in worker
     assert config["name"] == root.name
     gpu = [s["deploy"]["resources"].get("reservations") for s in (master, worker)]

@@ -121,6 +121,10 @@ def test_make_down_saves_a_checkpoint_and_next_up_resumes(project):
     )
     assert saved, out[-3000:]
     assert "make up: STOPPED" in out
+    # Every node stopped by itself: no torchrun took the others' exit for a failure and restarted
+    # the job until the grace period ran out and Docker killed it.
+    assert len(re.findall(r"\] world size", out)) == 1, out[-3000:]
+    assert "exited with code 137" not in out
     assert (project.root / "checkpoints" / "graceful" / saved.group(1)).exists()
     again = project.make("up", args.replace("40", "4"))
     assert re.search(

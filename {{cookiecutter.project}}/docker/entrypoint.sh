@@ -10,7 +10,9 @@ REJOIN_TIMEOUT="${REJOIN_TIMEOUT:-10}"
 # A restarted container keeps its files: a marker tells a restart from a first start. On a
 # restart the master was up before, so a master that does not answer soon is gone for good.
 marker=/tmp/.node-started
+restarted=0
 if [ -e "$marker" ]; then
+  restarted=1
   WAIT_TIMEOUT="$REJOIN_TIMEOUT"
 fi
 touch "$marker"
@@ -20,9 +22,13 @@ if [ -z "${NODE_ROLE:-}" ]; then
 fi
 export NODE_ROLE MASTER_ADDR WAIT_TIMEOUT
 
-# The launcher waits for the master itself, after importing torch (docker/torchrun.py): waiting
-# here first would start a worker's import only once the master's was done, adding the two.
-if [ "$NODE_ROLE" != master ] && [ "$(basename "${1:-}")" != launch.sh ]; then
-  "$(dirname "$0")/wait-for-master.sh"
+# On a first start the launcher waits for the master itself, after importing torch
+# (docker/torchrun.py): waiting here first would start a worker's import only once the master's
+# was done, adding the two. A restarted worker waits here: if the master is gone, it exits
+# without paying for the import.
+if [ "$NODE_ROLE" != master ]; then
+  if [ "$restarted" = 1 ] || [ "$(basename "${1:-}")" != launch.sh ]; then
+    "$(dirname "$0")/wait-for-master.sh"
+  fi
 fi
 exec "$@"
