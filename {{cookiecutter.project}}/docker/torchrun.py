@@ -1,9 +1,10 @@
 """torchrun for a node: import torch first, then (on a worker) wait for the master, then run.
 
 Importing torch takes seconds of CPU on a node's share of a machine (3.5 s with one CPU on the
-template's 2-core bench machine). A worker that waited for the master's rendezvous port before starting
-torchrun would begin its import only when the master had finished its own; importing first
-overlaps them. The wait is docker/wait-for-master.sh, bounded, with a message naming the master.
+template's 2-core bench machine). A worker that waited for the master's rendezvous port before
+starting torchrun would begin its import only when the master had finished its own; importing
+first overlaps them. The wait is docker/wait-for-master.sh, bounded, with a message naming the
+master.
 """
 
 import os
