@@ -48,7 +48,7 @@ standin-image: venv ## Build the registry-free stand-in for the conda env stage 
 docker-start: venv ## Install and start a Docker Engine with the Compose plugin (root; for CI)
 	scripts/docker-engine.sh start
 
-docker-stop: ## Stop the Docker Engine that docker-start started
+docker-stop: ## Stop the Docker Engine that docker-start started and remove its data
 	scripts/docker-engine.sh stop
 
 clean: ## Remove build/ and the venv

