@@ -309,12 +309,8 @@ def main():
             print(f"bench: {name} ...", flush=True)
             step(results)
     finally:
-        compose("down", "--remove-orphans", "--rmi", "all", check=False)
-        # The rebuilds leave earlier images of the project untagged: remove them by its label.
-        label = f"label=com.docker.compose.project={PROJECT.name}"
-        images = run(["docker", "image", "ls", "-aq", "--filter", label]).stdout.split()
-        if images:
-            run(["docker", "image", "rm", "--force", *images], check=False)
+        # Containers, network and every image of the project, the untagged ones of rebuilds too.
+        run(["make", "clean"], check=False)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     from report import write_report
 

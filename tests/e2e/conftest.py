@@ -116,11 +116,5 @@ def project(standin, tmp_path_factory):
     sh(["make", "dirs"], cwd=root)  # tests that call Compose directly need the host folders too
     p = Project(root, standin)
     yield p
-    p.compose("down", "--remove-orphans", "--volumes", "--rmi", "all", check=False)
-    # Rebuilds in the tests leave the project's earlier images untagged; they still hold the
-    # stand-in's layers, so remove them by the project's label too.
-    images = sh(
-        ["docker", "image", "ls", "-aq", "--filter", f"label=com.docker.compose.project={name}"]
-    ).stdout.split()
-    if images:
-        sh(["docker", "image", "rm", "--force", *images], check=False)
+    # Containers, network and every image of the project, the untagged ones of rebuilds too.
+    p.make("clean", check=False)
