@@ -11,7 +11,7 @@ DEMO_DIR ?= build/demo
 DEMO_ANSWERS ?=
 ENV_IMAGE ?= env
 
-.PHONY: help venv test test-host lint demo bench standin-image docker-start docker-stop clean
+.PHONY: help venv test test-host lint demo bench soak standin-image docker-start docker-stop clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,11 @@ demo: venv ## Render the default project into build/demo and run its `make up`
 
 bench: standin-image ## Measure start-up, overhead, scaling, collectives, rebuilds (bench/results.*)
 	$(VENV)/bin/python bench/bench.py
+
+SOAK_HOST_RUNS ?= 200
+SOAK_UP_RUNS ?= 20
+soak: standin-image ## Run the host job and `make up` many times; count failed exits and stack traces
+	$(VENV)/bin/python bench/soak.py --host-runs $(SOAK_HOST_RUNS) --up-runs $(SOAK_UP_RUNS) --record
 
 standin-image: venv ## Build the registry-free stand-in for the conda env stage (root, Docker)
 	rm -rf build/standin

@@ -66,6 +66,14 @@ def write_report(r, folder):
         f"| cold build of the runtime stage (s) | {_fmt(b['cold_runtime_stage'])} | |",
         f"| size the runtime stage adds (MB) | {r['runtime_stage_adds_mb']:.1f} | |",
     ]
+    soak = r.get("soak", {})
+    for name, label in (("host", "2-process host job"), ("up", "2-node `make up`")):
+        if name in soak:
+            e = soak[name]
+            rows.append(
+                f"| soak ({soak['date']}): {label}, non-zero exits / runs with a stack trace | "
+                f"{e['non_zero_exits']} / {e['with_stack_trace']} of {e['runs']} runs | 0 / 0 |"
+            )
     figures = rows[2:]
     rows += [
         "",

@@ -89,6 +89,15 @@ def test_plain_job_pod_template_validates(schema, manifests, tmp_path):
     assert job["apiVersion"] == "batch/v1"
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    # A usage or data error (status 2) ends the Job instead of using up backoffLimit; Kubernetes
+    # takes a podFailurePolicy only with restartPolicy Never.
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "pytorch", "operator": "In", "values": [2]},
+        }
+    ]
 
 
 def test_headless_service_names_pod_zero(manifests):

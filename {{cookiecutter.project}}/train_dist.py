@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from {{ cookiecutter.package }} import checkpoint
+from {{ cookiecutter.package }} import checkpoint, distributed
 from {{ cookiecutter.package }}.data import DataError, build_dataset, make_loader
 from {{ cookiecutter.package }}.metrics import MetricsLog
 from {{ cookiecutter.package }}.model import SmallCNN
@@ -75,6 +75,9 @@ def parse_args(argv=None):
         default=120,
         help="seconds a collective waits for a silent peer before failing (default 120)",
     )
+    if int(os.environ.get("RANK", 0)) > 0:
+        # Every rank gets the same arguments: rank 0 alone prints the usage.
+        p.error = lambda message: sys.exit(2)
     return p.parse_args(argv)
 
 
@@ -84,6 +87,8 @@ def writable_dir(path):
         Path(path).mkdir(parents=True, exist_ok=True)
     except PermissionError:
         pass
+    except FileExistsError:
+        raise DataError(f"{path} is a file, not a folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise DataError(
             f"{path} is not writable by uid {os.getuid()}: "
@@ -139,13 +144,9 @@ class GracefulStop:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def agreed(self, ddp, device):
+    def agreed(self, device):
         """True on every rank as soon as any rank was asked to stop."""
-        if not ddp:
-            return self.signal is not None
-        flag = torch.tensor([int(self.signal is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return distributed.any_rank(self.signal is not None, device)
 
 
 def run_epoch(
@@ -228,13 +229,17 @@ def train(args, stop):
     master_process = rank == 0
     metrics_log = None
     try:
-        setup_logging(rank, args.log_dir)
-        metrics_log = MetricsLog(args.log_dir, enabled=master_process)
         device = pick_device(args.backend, rank)
-        if master_process:
-            writable_dir(args.checkpoint_dir)
         torch.manual_seed(args.seed)
-        dataset, num_classes, description = build_dataset(args.data_dir, args.samples, args.seed)
+        # Errors a restart cannot fix end every rank with exit code 2: torchrun does not retry.
+        with distributed.fail_together(device):
+            setup_logging(rank, args.log_dir)
+            metrics_log = MetricsLog(args.log_dir, enabled=master_process)
+            if master_process:
+                writable_dir(args.checkpoint_dir)
+            dataset, num_classes, description = build_dataset(
+                args.data_dir, args.samples, args.seed
+            )
         loader, sampler = make_loader(
             dataset, args.batch_size, rank, world_size, args.seed, args.workers
         )
@@ -290,7 +295,7 @@ def train(args, stop):
                     optimizer,
                     device,
                     skip,
-                    lambda: stop.agreed(ddp, device),
+                    lambda: stop.agreed(device),
                     args.bf16,
                     progress=master_process,
                 )
@@ -335,8 +340,6 @@ def train(args, stop):
     finally:
         if metrics_log is not None:
             metrics_log.close()
-        if ddp:
-            dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -345,8 +348,11 @@ def main(argv=None):
     try:
         return train(args, stop)
     except DataError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+        if str(err):  # empty on the ranks that stopped because another found the problem
+            print(f"ERROR: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ REJOIN_TIMEOUT="${REJOIN_TIMEOUT:-10}"
 
 # A restarted container keeps its files: a marker tells a restart from a first start. On a
 # restart the master was up before, so a master that does not answer soon is gone for good.
-marker=/tmp/.node-started
+# The launcher writes its exit status there: a usage or data error (2) fails the same way again.
+marker="${NODE_MARKER:-/tmp/.node-started}"
 restarted=0
 if [ -e "$marker" ]; then
   restarted=1
   WAIT_TIMEOUT="$REJOIN_TIMEOUT"
+  if [ "$(cat "$marker")" = 2 ]; then
+    echo "not restarting: the last run ended with a usage or data error (exit status 2)" >&2
+    exit 2
+  fi
 fi
 touch "$marker"
 

@@ -65,6 +65,15 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bad_arguments_are_reported_by_rank_0_alone(monkeypatch, capsys):
+    # Every rank gets the same arguments: one usage per job, not one per process.
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        train_dist.parse_args(["--bogus"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ""
+
+
 def _train(tmp_path, *extra):
     return run(
         sys.executable,

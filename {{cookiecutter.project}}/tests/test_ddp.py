@@ -1,11 +1,16 @@
 """DDP on several processes computes the same step as one process on the whole batch."""
 
+import json
+import weakref
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from {{ cookiecutter.package }} import distributed
 from {{ cookiecutter.package }}.data import synthetic
 from {{ cookiecutter.package }}.model import SmallCNN
 
@@ -25,23 +30,42 @@ def _one_step(model, images, labels):
     optimizer.step()
 
 
+def _ddp_step(rank, out):
+    # Different seeds per rank: DDP must broadcast rank 0's initial weights itself.
+    torch.manual_seed(rank)
+    model = SmallCNN()
+    if rank == 0:
+        torch.manual_seed(0)
+        model = SmallCNN()
+    net = DDP(model)
+    images, labels = _batch()
+    shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    _one_step(net, images[shard], labels[shard])
+    torch.save(model.state_dict(), f"{out}.{rank}")
+    return weakref.ref(net)
+
+
 def _ddp_rank(rank, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    net = None
     try:
-        # Different seeds per rank: DDP must broadcast rank 0's initial weights itself.
-        torch.manual_seed(rank)
-        model = SmallCNN()
-        if rank == 0:
-            torch.manual_seed(0)
-            model = SmallCNN()
-        net = DDP(model)
-        images, labels = _batch()
-        shard = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-        _one_step(net, images[shard], labels[shard])
-        torch.save(model.state_dict(), f"{out}.{rank}")
+        net = _ddp_step(rank, out)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
+        # DDP can outlive its function (a reference cycle): shutdown() collects it, and the group
+        # ends with its threads, so none is left to abort the interpreter's exit.
+        ddp_alive = net is not None and net() is not None
+        Path(f"{out}.{rank}.shutdown").write_text(
+            json.dumps([ddp_alive, dist.is_initialized(), _gloo_threads()])
+        )
+
+
+def _gloo_threads():
+    """Names of this process's gloo worker threads (Linux; elsewhere none can be seen)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.exists() else []
+    return [name for name in names if name.startswith("pt_gloo")]
 
 
 def test_ddp_step_equals_single_process_on_full_batch(tmp_path):
@@ -57,6 +81,9 @@ def test_ddp_step_equals_single_process_on_full_batch(tmp_path):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # shutdown() freed DDP, and with it the process group, before the processes exited.
+    for rank in range(WORLD_SIZE):
+        assert json.loads(Path(f"{out}.{rank}.shutdown").read_text()) == [False, False, []]
     # And the step changed something, so equality is not trivial.
     torch.manual_seed(0)
     untrained = SmallCNN().state_dict()

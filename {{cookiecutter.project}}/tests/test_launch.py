@@ -27,7 +27,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, **env):
+def start(tmp_path, **env):
+    """docker/launch.sh as one node, in the background (stdout and stderr merged)."""
     (tmp_path / "probe.py").write_text(PROBE)
     # The launcher runs `python`: the interpreter running these tests, as in the image.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
@@ -47,15 +48,21 @@ def launch(tmp_path, **env):
         "RUN_ID": f"test-{os.getpid()}",
         **env,
     }
-    return subprocess.run(
+    return subprocess.Popen(
         ["bash", str(ROOT / "docker" / "launch.sh")],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
     )
+
+
+def launch(tmp_path, **env):
+    """docker/launch.sh as one node, to its end."""
+    node = start(tmp_path, **env)
+    stdout, _ = node.communicate(timeout=300)
+    return subprocess.CompletedProcess(node.args, node.returncode, stdout)
 
 
 def probes(output):
@@ -108,3 +115,83 @@ def test_worker_imports_torch_before_it_waits_for_the_master(tmp_path):
     imported = next(i for i, line in enumerate(lines) if re.search(r"\|\s+torch$", line))
     waiting = next(i for i, line in enumerate(lines) if line.startswith("waiting for master"))
     assert imported < waiting
+
+
+EXITS = "import sys\nprint('SCRIPT RAN', flush=True)\nsys.exit({code})\n"
+
+
+@pytest.mark.parametrize(
+    "code, max_restarts, runs",
+    [
+        (2, 3, 1),  # a usage or data error: a restart would fail the same way
+        (3, 1, 2),  # any other failure is restarted
+    ],
+)
+def test_the_node_exits_with_the_scripts_status_and_retries_all_but_usage_errors(
+    tmp_path, code, max_restarts, runs
+):
+    (tmp_path / "exits.py").write_text(EXITS.format(code=code))
+    marker = tmp_path / "marker"
+    marker.touch()  # as entrypoint.sh leaves it
+    result = launch(
+        tmp_path,
+        SCRIPT=str(tmp_path / "exits.py"),
+        MAX_RESTARTS=str(max_restarts),
+        NODE_MARKER=str(marker),
+    )
+    assert result.returncode == code, result.stdout
+    assert result.stdout.count("SCRIPT RAN") == 2 * runs, result.stdout  # 2 processes a run
+    assert f"exited with status {code}" in result.stdout
+    assert "Traceback" not in result.stdout
+    # A worker container that Docker restarts reads it there (entrypoint.sh).
+    assert marker.read_text() == f"{code}\n"
+
+
+def test_an_error_on_one_rank_ends_every_rank_once_with_status_2(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ckpt").write_text("a file where rank 0 wants its checkpoint folder")
+    folders = f"--data-dir {tmp_path}/data --checkpoint-dir {tmp_path}/ckpt --log-dir {tmp_path}"
+    result = launch(tmp_path, SCRIPT="train_dist.py", ARGS=folders, MAX_RESTARTS="3")
+    assert result.returncode == 2, result.stdout
+    # Rank 1 stopped with rank 0 instead of waiting for it in a collective, and no one retried.
+    assert result.stdout.count("ERROR: ") == 1, result.stdout
+    assert f"ERROR: {tmp_path}/ckpt is a file, not a folder" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_a_finished_two_node_job_ends_cleanly_on_both_nodes(tmp_path):
+    """The master hosts the rendezvous store and may exit first: the worker must not try to
+    close the rendezvous in a store that is gone (a connection error with a C++ stack)."""
+    port, run_id = free_port(), f"two-nodes-{os.getpid()}"
+    nodes = [
+        start(
+            tmp_path,
+            NODE_ROLE=role,
+            NNODES="2",
+            NPROC_PER_NODE="1",
+            RDZV_PORT=str(port),
+            RUN_ID=run_id,
+            START_METHOD="fork",
+        )
+        for role in ("master", "worker")
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output
+        for trace in ("Traceback", "frame #", "failed to shutdown", "Error"):
+            assert trace not in output, output
+    assert sorted(p["rank"] for out in outputs for p in probes(out)) == ["0", "1"]
+
+
+def test_a_worker_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_path):
+    marker = tmp_path / "marker"
+    env = {**os.environ, "NODE_MARKER": str(marker), "NODE_ROLE": "master"}
+    entrypoint = ["bash", str(ROOT / "docker" / "entrypoint.sh"), "echo", "started"]
+    first = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=60)
+    assert (first.returncode, first.stdout) == (0, "started\n"), first.stderr
+    assert marker.exists()
+    marker.write_text("2\n")  # what the launcher writes after a usage error
+    again = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2
+    assert again.stdout == ""
+    assert "not restarting: the last run ended with a usage or data error" in again.stderr

@@ -1,0 +1,63 @@
+"""The status `make up` reports is the job's: a finished job exits 0 on every node, cleanly; a
+failed build starts nothing; an error that a restart cannot fix fails once, with status 2.
+
+Replaced here: the conda env stage only (the runtime stage is built on the stand-in env image,
+see scripts/standin-image.sh), except in the failed-build test, which builds the real env stage
+from a base image that exists nowhere.
+"""
+
+import sys
+import time
+
+from helpers import TEMPLATE, record, sh
+
+
+def exit_codes(project):
+    listed = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout
+    return sorted(line.split()[1] for line in listed.splitlines())
+
+
+def test_a_failed_build_stops_make_up_before_any_container_starts(project):
+    project.make("build", timeout=900)  # an image of an earlier build is there to be misused
+    project.compose("down", "--remove-orphans")
+    result = sh(
+        ["make", "up", "ENV_IMAGE=env", "CONDA_IMAGE=ddp-template-no-such-base:0"],
+        cwd=project.root,
+        check=False,
+        timeout=600,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert f"make build: ERROR: the build of {project.name}:latest failed" in out
+    assert project.containers() == [], "no container may start from the older image"
+
+
+def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
+    started = time.monotonic()
+    result = project.make("up", "ARGS=--bogus", check=False, timeout=300)
+    seconds = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert "make up: FAILED: the master exited with status 2" in out, out[-3000:]
+    # One usage for the job: no node prints it twice, no torchrun restarts it.
+    assert out.count("usage: train_dist.py") == 1, out[-3000:]
+    assert out.count("unrecognized arguments: --bogus") == 1
+    assert "a usage or data error: not restarted" in out
+    assert exit_codes(project) == ["2", "2"]
+    record(bad_argument_to_exit_s=round(seconds, 1))
+
+
+def test_a_missing_data_folder_fails_once_per_node_with_status_2(project):
+    result = project.make("up", "ARGS=--data-dir /missing", check=False, timeout=300)
+    out = result.stdout + result.stderr
+    assert "make up: FAILED: the master exited with status 2" in out, out[-3000:]
+    assert out.count("ERROR: data directory /missing does not exist") == 2, out[-3000:]
+    assert "world size" not in out, "the job must not start training"
+    assert exit_codes(project) == ["2", "2"]
+
+
+def test_finished_jobs_end_cleanly_on_every_node(standin):
+    """A short `make soak`: three 2-node jobs, each exits 0 on every node with no stack trace
+    (`make soak` runs twenty and records them)."""
+    soak = [sys.executable, TEMPLATE / "bench" / "soak.py", "--host-runs=0", "--up-runs=3"]
+    out = sh(soak, timeout=900).stdout
+    assert "soak up: 3 runs, 0 non-zero exits, 0 with a stack trace" in out, out[-3000:]
