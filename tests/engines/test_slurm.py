@@ -24,13 +24,18 @@ def slurm():
     sh(["bash", TEMPLATE / "scripts" / "slurm-cluster.sh", "stop"], check=False)
 
 
-def test_sbatch_runs_the_job_with_c10d_at_the_head_node(slurm, tmp_path):
-    project = render(tmp_path, python_version="3.11")
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return render(tmp_path_factory.mktemp("slurm"), python_version="3.11")
+
+
+def sbatch(project, args):
+    """`sbatch --wait` of slurm/train.sbatch with 2 tasks on the one node; (status, its log)."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "OMP_NUM_THREADS": "1",
-        "ARGS": f"--epochs 2 --samples 512 --checkpoint-dir {tmp_path}/c --log-dir {tmp_path}/l",
+        "ARGS": args,
     }
     submitted = sh(
         [
@@ -45,10 +50,27 @@ def test_sbatch_runs_the_job_with_c10d_at_the_head_node(slurm, tmp_path):
         cwd=project,
         env=env,
         timeout=600,
+        check=False,
     )
     job_id = submitted.stdout.strip().split(";")[0]
-    out = (project / "logs" / f"slurm-{job_id}.out").read_text()
+    assert job_id.isdigit(), submitted.stdout + submitted.stderr
+    return submitted.returncode, (project / "logs" / f"slurm-{job_id}.out").read_text()
+
+
+def test_sbatch_runs_the_job_with_c10d_at_the_head_node(slurm, project, tmp_path):
+    status, out = sbatch(
+        project, f"--epochs 2 --samples 512 --checkpoint-dir {tmp_path}/c --log-dir {tmp_path}/l"
+    )
+    assert status == 0, out[-3000:]
     assert "2 task(s) on 1 node(s) x 1 process(es)" in out, out[-3000:]
     assert "world size 2" in out, out[-3000:]
     losses = [float(x) for x in re.findall(r"epoch \d/2 loss ([0-9.]+)", out)]
     assert len(losses) == 2 and "final loss" in out
+
+
+def test_a_bad_argument_fails_the_slurm_job_once(slurm, project):
+    status, out = sbatch(project, "--bogus")
+    assert status != 0
+    # Rank 0 alone prints the usage, and the launcher does not restart a usage error.
+    assert out.count("usage: train_dist.py") == 1, out[-3000:]
+    assert "a usage or data error: not restarted" in out
