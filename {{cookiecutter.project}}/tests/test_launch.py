@@ -16,7 +16,9 @@ PROBE = """\
 import json, os, sys
 seen = {"torch_loaded": "torch" in sys.modules, "name": __name__, "path0": sys.path[0],
         "rank": os.environ["RANK"], "world": os.environ["WORLD_SIZE"], "argv": sys.argv[1:]}
-print("PROBE " + json.dumps(seen), flush=True)
+# One write per line: torchrun runs scripts unbuffered (python -u), where print() writes the text
+# and the newline apart, and two ranks' lines could interleave.
+sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
 """
 UNSET = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOG_DIR", "DDP_BACKEND", "START_METHOD", "NODE_ROLE"}
 
