@@ -26,8 +26,8 @@ $(VENV)/.installed: requirements-dev.txt
 test: venv ## Run every test: render, lint, host training, and containers (needs Docker)
 	$(VENV)/bin/python -m pytest
 
-test-host: venv ## Run the tests that need no Docker Engine
-	$(VENV)/bin/python -m pytest -m "not docker"
+test-host: venv ## Run the tests that need neither a Docker Engine nor root (no docker, no slurm marker)
+	$(VENV)/bin/python -m pytest -m "not docker and not slurm"
 
 lint: venv ## Run pre-commit on the template repository
 	$(VENV)/bin/pre-commit run --all-files

@@ -14,7 +14,7 @@ OPTIONAL = (
     (
         "cluster_engines",
         "yes",
-        ["k8s", "slurm", "compose.swarm.yaml", "compose.node.yaml", "docker/swarm_stack.py"],
+        ["k8s", "slurm", "compose.swarm.yaml", "compose.node.yaml", "swarm"],
     ),
 )
 
@@ -31,7 +31,7 @@ def remove_unused(root):
 
 
 def make_executable(root):
-    for script in [*(root / "docker").glob("*.sh"), *(root / "slurm").glob("*.sbatch")]:
+    for script in (root / "slurm").glob("*.sbatch"):
         mode = script.stat().st_mode
         script.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 

@@ -62,14 +62,22 @@ CONF
   echo "Slurm is up: $(sinfo -h -o '%P %D %t %c CPUs')"
 }
 
+# A start right after a stop would find a daemon still saving its state, keep it, and be left
+# with none: wait (bounded) until each is gone.
+stop_and_wait() {
+  local pid="$1" deadline=$((SECONDS + 30))
+  kill "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+}
+
 stop() {
   for pidfile in "$state/slurmd.pid" "$state/slurmctld.pid"; do
     if [ -f "$pidfile" ]; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
+      stop_and_wait "$(cat "$pidfile")"
       rm -f "$pidfile"
     fi
   done
-  pkill -x munged 2>/dev/null || true
+  for pid in $(pgrep -x munged); do stop_and_wait "$pid"; done
 }
 
 case "${1:-}" in

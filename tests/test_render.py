@@ -1,5 +1,6 @@
 """Every meaningful answer combination renders a project that passes its linters."""
 
+import importlib.util
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import render, tool
+from helpers import TEMPLATE, render, tool
 
 # The supported combinations, one per axis that changes what is rendered.
 COMBINATIONS = {
@@ -67,12 +68,13 @@ def test_hadolint(project):
 
 
 def test_shellcheck(project):
-    _, root = project
-    scripts = sorted(str(p) for p in (root / "docker").glob("*.sh"))
-    assert len(scripts) == 3
-    scripts += [str(p) for p in (root / "slurm").glob("*.sbatch")]
-    result = run([tool("shellcheck"), *scripts], root)
-    assert result.returncode == 0, result.stdout
+    answers, root = project
+    scripts = sorted(str(p) for p in [*root.rglob("*.sh"), *root.rglob("*.sbatch")])
+    # The launch path is Python (docker/launch.py); the Slurm batch script is the one shell file.
+    assert len(scripts) == (answers.get("cluster_engines", "yes") == "yes")
+    if scripts:
+        result = run([tool("shellcheck"), *scripts], root)
+        assert result.returncode == 0, result.stdout
 
 
 def test_yamllint(project):
@@ -166,11 +168,7 @@ def test_github_workflow_is_valid(project):
 
 def test_env_and_environment_yml(project):
     answers, root = project
-    env = dict(
-        line.split("=", 1)
-        for line in (root / ".env").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    env = env_settings(root)
     gpu = answers.get("gpu") == "yes"
     assert env["NODES"] == str(answers.get("nodes", 2))
     assert env["DDP_BACKEND"] == ("nccl" if gpu else "gloo")
@@ -184,7 +182,9 @@ def test_env_and_environment_yml(project):
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
     flavour = answers.get("cuda", "cu128") if gpu else "cpu"
     assert pip[0].endswith(f"/whl/{flavour}")
-    assert "torch==2.14.1" in pip and "torchvision==0.29.1" in pip
+    defaults = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+    assert f"torch=={defaults['torch_version']}" in pip
+    assert f"torchvision=={defaults['torchvision_version']}" in pip
     tos = answers.get("accept_anaconda_tos") == "yes"
     assert conda_env["channels"] == (["defaults"] if tos else ["conda-forge", "nodefaults"])
 
@@ -203,14 +203,14 @@ def test_dockerfile_follows_the_answers(project):
     base = "miniforge3" if answers.get("conda_distribution") == "miniforge" else "miniconda3"
     assert re.search(rf"ARG CONDA_IMAGE=\S+/{base}:\S+", dockerfile)
     assert "ARG ENV_IMAGE=env" in dockerfile and "FROM ${ENV_IMAGE} AS runtime" in dockerfile
-    assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in dockerfile
+    assert 'ENTRYPOINT []\nCMD ["python", "/app/docker/launch.py"]' in dockerfile
     assert "USER ${APP_UID}:${APP_GID}" in dockerfile
     assert "conda run" not in dockerfile.replace("not `conda run`", "")
 
 
 def test_scripts_are_executable(project):
     _, root = project
-    for script in [*(root / "docker").glob("*.sh"), *(root / "slurm").glob("*.sbatch")]:
+    for script in (root / "slurm").glob("*.sbatch"):
         assert script.stat().st_mode & stat.S_IXUSR, script
 
 
@@ -266,3 +266,97 @@ def test_make_refuses_bad_settings(default_project, override, message):
     result = run(["make", "check", override], default_project)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_blank_lines_between_blocks_survive_rendering(project):
+    """A `{%-` before a block eats the blank line above it: a Makefile rule or a README heading
+    then runs into the text before it."""
+    _, root = project
+    makefile = (root / "Makefile").read_text().splitlines()
+    for i, line in enumerate(makefile):
+        if re.match(r"^[a-z][a-z0-9-]*:", line) and i > 0:
+            above = makefile[i - 1]
+            assert above == "" or above.startswith("#"), f"Makefile: {above!r} runs into {line!r}"
+    readme = (root / "README.md").read_text().split("```")[::2]  # outside code blocks
+    for part in readme:
+        lines = part.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("#") and i > 0:
+                assert lines[i - 1] == "", f"README: {lines[i - 1]!r} runs into {line!r}"
+    assert "\n\n\n" not in (root / "Makefile").read_text() + (root / "README.md").read_text()
+
+
+def env_settings(root):
+    return dict(
+        line.split("=", 1)
+        for line in (root / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def knobs_table(root):
+    """The variables of the README's knobs table."""
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Knobs", 1)[1].split("\n\n", 2)[1]
+    return [
+        name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    ]
+
+
+# A value other than the default for every knob: each must change what Compose runs.
+OTHER_VALUES = {
+    "NODES": "5",
+    "NPROC_PER_NODE": "3",
+    "SCRIPT": "own.py",
+    "ARGS": "--epochs 9",
+    "CPUS": "0.25",
+    "MEMORY": "3G",
+    "SHM_SIZE": "512m",
+    "RDZV_PORT": "29411",
+    "MASTER_PORT": "29511",
+    "WAIT_TIMEOUT": "61",
+    "REJOIN_TIMEOUT": "11",
+    "START_METHOD": "thread",
+    "MIN_NODES": "2",
+    "MAX_RESTARTS": "7",
+    "RESTART_POLICY": "no",
+    "DDP_BACKEND": "mpi",
+    "GPUS": "1",
+    "COMPOSE_FILE": "compose.yaml",
+    "COMPOSE_PROJECT_NAME": "another-name",
+    "IMAGE": "another:tag",
+    "CONDA_IMAGE": "another/conda:1",
+    "ENV_IMAGE": "another-env:1",
+    "APP_UID": "1234",
+    "APP_GID": "2345",
+}
+
+
+@pytest.mark.parametrize("answers", [{}, {"gpu": "yes"}], ids=["cpu", "gpu"])
+def test_every_knob_in_the_readme_reaches_the_containers(tmp_path, answers):
+    root = render(tmp_path, **answers)
+    knobs = knobs_table(root)
+    assert sorted(knobs) == sorted(env_settings(root)), "README's knobs table and .env differ"
+    unset = {name: "" for name in OTHER_VALUES if name in os.environ}  # the shell's own
+    default = compose_config(root, env=unset)
+    for name in knobs:
+        changed = compose_config(root, env={**unset, name: OTHER_VALUES[name]})
+        assert changed != default, f"{name} does not reach the containers"
+
+
+@pytest.mark.parametrize("answers", [{}, {"gpu": "yes"}], ids=["cpu", "gpu"])
+def test_the_launcher_defaults_are_the_env_defaults(tmp_path, answers):
+    root = render(tmp_path, **answers)
+    spec = importlib.util.spec_from_file_location("launch", root / "docker" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)  # no torch at import: the launcher imports it later
+    defaults = launch.DEFAULTS
+    env = env_settings(root)
+    # Empty launcher defaults leave the choice to the script (DDP_BACKEND).
+    shared = {name for name, value in defaults.items() if value and name in env}
+    assert shared >= {"RDZV_PORT", "WAIT_TIMEOUT", "REJOIN_TIMEOUT", "MAX_RESTARTS", "SCRIPT"}
+    for name in shared - {"START_METHOD"}:
+        assert defaults[name] == env[name], name
+    # The launcher's default works on any node; .env picks fork where there is no GPU.
+    assert defaults["START_METHOD"] == "spawn"
+    assert env["START_METHOD"] == ("spawn" if answers.get("gpu") == "yes" else "fork")

@@ -2,8 +2,8 @@
 
 Replaced here: the conda env stage only. The runtime stage is built on the stand-in env image
 (Debian's Python with the same pip packages; see scripts/standin-image.sh) because this CI
-reaches no registry or conda channel. The tests share one rendered project and run in file
-order, each with its own checkpoint folder.
+reaches no registry or conda channel. The tests share one built project (tests/conftest.py),
+each with its own checkpoint folder, and each runs alone too.
 """
 
 import json
@@ -11,7 +11,7 @@ import re
 import time
 import urllib.request
 
-from helpers import record, sh
+from helpers import losses, record, sh, wait_until
 
 SEED_STYLE_SCRIPT = '''\
 """A script written for the seed's setup: it sets the rendezvous address itself."""
@@ -37,64 +37,60 @@ dist.destroy_process_group()
 '''
 
 
-def losses(text):
-    return [float(x) for x in re.findall(r"epoch \d+/\d+ loss ([0-9.]+)", text)]
-
-
-def test_build_then_up_trains_to_completion(project):
-    project.make("build", timeout=900)
-    result = project.make("up", "ARGS=--epochs 3 --samples 1024")
-    out = result.stdout + result.stderr
+def test_up_trains_to_completion(trained):
+    project, out = trained.project, trained.output
     found = losses(out)
     assert len(found) == 3 and found[-1] < found[0], out[-3000:]
     assert "world size 2" in out
-    checkpoint = project.root / "checkpoints" / "ckpt-epoch0003.pt"
+    checkpoint = project.root / "checkpoints" / "trained" / "ckpt-epoch0003.pt"
     log = project.root / "logs" / "train.log"
     assert checkpoint.exists() and "final loss" in log.read_text()
     for path in (checkpoint, log):
         assert (path.stat().st_uid, path.stat().st_gid) == (1000, 1000), path
     # Per-node logs on the host, metrics as JSON lines and TensorBoard events.
-    logs = project.root / "logs"
-    node_logs = sorted(p.name for p in logs.glob("node-*.log"))
-    assert "node-master.log" in node_logs and len(node_logs) == 2, node_logs
-    assert "epoch 3/3" in (logs / "node-master.log").read_text()
-    assert len((logs / "metrics.jsonl").read_text().splitlines()) == 3
-    assert list((logs / "tb").glob("events.out.tfevents.*"))
+    assert "node-master.log" in trained.node_logs, trained.node_logs
+    assert len(trained.node_logs) == 2, trained.node_logs
+    assert "epoch 3/3" in (project.root / "logs" / "node-master.log").read_text()
+    assert trained.metrics_lines == 3
+    assert list((project.root / "logs" / "tb").glob("events.out.tfevents.*"))
 
 
-def test_limits_shm_and_non_root_user(project):
+def test_limits_shm_security_and_non_root_user(project):
+    project.compose("create", "--force-recreate", "--scale", "worker=1")
     ids = project.compose("ps", "--all", "-q").stdout.split()
     assert len(ids) == 2
-    inspected = json.loads(sh(["docker", "inspect", *ids]).stdout)
-    for container in inspected:
+    for container in json.loads(sh(["docker", "inspect", *ids]).stdout):
         host = container["HostConfig"]
         assert host["NanoCpus"] == 1_000_000_000
         assert host["Memory"] == 2 * 2**30
         assert host["ShmSize"] == 2**30
-        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["CapDrop"] == ["ALL"]
+        assert not host["PortBindings"]
         assert container["Config"]["User"] == "1000:1000"
     code, out = project.run("master", "id", "-u")
     assert code == 0 and out.split()[-1] == "1000"
 
 
-def test_make_plot_writes_a_png(project):
+def test_make_plot_writes_a_png(trained):
+    project = trained.project
     project.make("plot")
     png = (project.root / "logs" / "metrics.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def serves(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def test_make_tensorboard_serves_on_loopback(project):
     project.make("tensorboard")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:6006/", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, project.logs("tensorboard")
-                time.sleep(2)
+        wait_until(lambda: serves("http://127.0.0.1:6006/"), 90, "TensorBoard answering")
     finally:
         project.compose("--profile", "tensorboard", "rm", "--stop", "--force", "tensorboard")
 
@@ -126,10 +122,8 @@ def test_worker_started_first_waits_for_the_master(project):
     args = {"ARGS": "--epochs 1 --samples 256 --checkpoint-dir /checkpoints/late-master"}
     project.compose("down", "--remove-orphans")
     project.compose("up", "--detach", "--no-deps", "worker", **args)
-    deadline = time.monotonic() + 60
-    while "waiting for master master:29400" not in project.logs("worker"):
-        assert time.monotonic() < deadline, project.logs("worker")
-        time.sleep(1)
+    waiting = "waiting for master master:29400"
+    wait_until(lambda: waiting in project.logs("worker"), 60, "the worker waiting")
     time.sleep(3)
     assert "is up after" not in project.logs("worker")
     project.compose("up", "--detach", "--no-deps", "master", **args)
@@ -137,8 +131,7 @@ def test_worker_started_first_waits_for_the_master(project):
     worker_log = project.logs("worker")
     assert re.search(r"master master:29400 is up after \d+s", worker_log), worker_log
     assert "final loss" in project.logs("master")
-    codes = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout
-    assert sorted(codes.split("\n")[:-1]) == ["master 0", "worker 0"], codes
+    assert project.exit_codes() == ["master 0", "worker 0"]
 
 
 def test_make_test_runs_the_suite_inside_the_image(project):
@@ -168,18 +161,25 @@ def test_extra_ca_certificate_is_trusted_in_the_image(project, tmp_path):
             cert,
         ]
     )
-    project.make("build", f"CA_CERT={cert}")
+    try:
+        project.make("build", f"CA_CERT={cert}")
+        _, bundle = project.run("master", "cat", "/etc/ssl/certs/ca-certificates.crt")
+    finally:
+        (project.root / "docker" / "certs" / "extra-ca.crt").unlink(missing_ok=True)
     pem_body = "".join(cert.read_text().splitlines()[1:-1])
-    _, bundle = project.run("master", "cat", "/etc/ssl/certs/ca-certificates.crt")
     assert pem_body in "".join(bundle.splitlines())
 
 
 def test_code_only_change_rebuilds_only_the_code_layer(project):
     script = project.root / "train_dist.py"
-    script.write_text(script.read_text() + "\n# a code-only change\n")
-    started = time.perf_counter()
-    result = project.compose("--progress", "plain", "build", "master")
-    seconds = time.perf_counter() - started
+    original = script.read_text()
+    script.write_text(original + "\n# a code-only change\n")
+    try:
+        started = time.perf_counter()
+        result = project.compose("--progress", "plain", "build", "master")
+        seconds = time.perf_counter() - started
+    finally:
+        script.write_text(original)
     log = result.stdout + result.stderr
     user_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] RUN if ! getent group", log)
     assert user_step and re.search(rf"^#{user_step.group(1)} CACHED$", log, re.MULTILINE), log
@@ -189,6 +189,7 @@ def test_code_only_change_rebuilds_only_the_code_layer(project):
 
 
 def test_down_leaves_no_containers_or_networks(project):
+    project.compose("create", "--scale", "worker=1")
     assert project.containers() and project.networks()
     project.make("down")
     assert project.containers() == []

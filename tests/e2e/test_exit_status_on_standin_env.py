@@ -12,13 +12,8 @@ import time
 from helpers import TEMPLATE, record, sh
 
 
-def exit_codes(project):
-    listed = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout
-    return sorted(line.split()[1] for line in listed.splitlines())
-
-
 def test_a_failed_build_stops_make_up_before_any_container_starts(project):
-    project.make("build", timeout=900)  # an image of an earlier build is there to be misused
+    # The fixture built an image: there is an older image to be misused.
     project.compose("down", "--remove-orphans")
     result = sh(
         ["make", "up", "ENV_IMAGE=env", "CONDA_IMAGE=ddp-template-no-such-base:0"],
@@ -42,7 +37,7 @@ def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
     assert out.count("usage: train_dist.py") == 1, out[-3000:]
     assert out.count("unrecognized arguments: --bogus") == 1
     assert "a usage or data error: not restarted" in out
-    assert exit_codes(project) == ["2", "2"]
+    assert project.exit_codes() == ["master 2", "worker 2"]
     record(bad_argument_to_exit_s=round(seconds, 1))
 
 
@@ -52,7 +47,7 @@ def test_a_missing_data_folder_fails_once_per_node_with_status_2(project):
     assert "make up: FAILED: the master exited with status 2" in out, out[-3000:]
     assert out.count("ERROR: data directory /missing does not exist") == 2, out[-3000:]
     assert "world size" not in out, "the job must not start training"
-    assert exit_codes(project) == ["2", "2"]
+    assert project.exit_codes() == ["master 2", "worker 2"]
 
 
 def test_finished_jobs_end_cleanly_on_every_node(standin):

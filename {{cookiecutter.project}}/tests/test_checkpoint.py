@@ -101,3 +101,27 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
     assert not (tmp_path / "ckpt-epoch0002.pt").exists()
     state, path = checkpoint.load_latest(tmp_path)
     assert state["epoch"] == 1 and path.name == "ckpt-epoch0001.pt"
+
+
+def test_a_restored_state_goes_on_where_it_was_saved(tmp_path):
+    from {{ cookiecutter.package }}.model import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    metrics = {"loss": 1.5, "accuracy": 0.25, "samples_per_s": 10.0, "world_size": 2}
+    path = checkpoint.save(checkpoint.state(model, optimizer, 2, 7, metrics), tmp_path, 2, 7)
+    state, _ = checkpoint.load_latest(tmp_path)
+
+    torch.manual_seed(1)
+    other = SmallCNN()
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    assert checkpoint.restore(state, other, other_optimizer) == (
+        2,
+        7,
+        {"loss": 1.5, "accuracy": 0.25},
+    )
+    assert path.name == "ckpt-epoch0002-step000007.pt"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], tensor), name
+    assert checkpoint.restore(None, other, other_optimizer) == (0, 0, None)

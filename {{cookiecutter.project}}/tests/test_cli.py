@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_dist
+from {{ cookiecutter.package }} import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_2 = [
@@ -33,6 +35,15 @@ def run(*args, cwd=ROOT):
 
 def losses(output):
     return [float(x) for x in re.findall(r"epoch \d+/\d+ loss ([0-9.]+)", output)]
+
+
+def folders(tmp_path):
+    """The job's folders under tmp_path: data (no images: synthetic), checkpoints, logs."""
+    return [
+        f"--data-dir={tmp_path / 'data'}",
+        f"--checkpoint-dir={tmp_path / 'ckpt'}",
+        f"--log-dir={tmp_path / 'logs'}",
+    ]
 
 
 def test_defaults():
@@ -78,16 +89,9 @@ def _train(tmp_path, *extra):
     return run(
         sys.executable,
         "train_dist.py",
-        "--samples",
-        "256",
-        "--batch-size",
-        "32",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--log-dir",
-        str(tmp_path / "logs"),
+        "--samples=256",
+        "--batch-size=32",
+        *folders(tmp_path),
         *extra,
     )
 
@@ -129,28 +133,13 @@ def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeyp
     monkeypatch.setattr(
         os, "access", lambda p, m: False if str(p) == blocked else real_access(p, m)
     )
-    args = ["--epochs", "1", "--samples", "64", "--data-dir", str(tmp_path / "data")]
-    args += ["--checkpoint-dir", blocked, "--log-dir", str(tmp_path / "logs")]
+    args = ["--epochs=1", "--samples=64", *folders(tmp_path), f"--checkpoint-dir={blocked}"]
     assert train_dist.main(args) == 2
 
 
 def test_torchrun_two_processes_loss_decreases(tmp_path):
     (tmp_path / "data").mkdir()
-    result = run(
-        *TORCHRUN_2,
-        "--epochs",
-        "3",
-        "--samples",
-        "512",
-        "--batch-size",
-        "32",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--log-dir",
-        str(tmp_path / "logs"),
-    )
+    result = run(*TORCHRUN_2, "--epochs=3", "--samples=512", "--batch-size=32", *folders(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "world size 2" in result.stdout
     found = losses(result.stdout)
@@ -164,21 +153,7 @@ def _start(tmp_path, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     return subprocess.Popen(
-        [
-            *args,
-            "--samples",
-            "4096",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "50",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--checkpoint-dir",
-            str(tmp_path / "ckpt"),
-            "--log-dir",
-            str(tmp_path / "logs"),
-        ],
+        [*args, "--samples=4096", "--batch-size=16", "--epochs=50", *folders(tmp_path)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -232,10 +207,10 @@ def test_backend_follows_ddp_backend_then_the_gpus_per_process(monkeypatch):
     monkeypatch.setenv("DDP_BACKEND", "nccl")
     assert train_dist.parse_args([]).backend == "nccl"
     monkeypatch.delenv("DDP_BACKEND")
-    monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_dist.parse_args([]).backend == "gloo"
-    monkeypatch.setattr(train_dist.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train_dist.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert train_dist.parse_args([]).backend == "nccl"
     # Two processes on a one-GPU host (make train-local): nccl would refuse to start.
@@ -245,9 +220,9 @@ def test_backend_follows_ddp_backend_then_the_gpus_per_process(monkeypatch):
 
 def test_each_rank_gets_its_own_gpu(monkeypatch):
     chosen = []
-    monkeypatch.setattr(train_dist.torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(train_dist.torch.cuda, "set_device", chosen.append)
-    assert train_dist.pick_device("gloo", 3).type == "cpu"
-    devices = [train_dist.pick_device("nccl", rank).index for rank in range(6)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert distributed.pick_device("gloo", 3).type == "cpu"
+    devices = [distributed.pick_device("nccl", rank).index for rank in range(6)]
     assert devices == [0, 1, 2, 3, 0, 1]
     assert len(chosen) == 6

@@ -1,6 +1,7 @@
-"""docker/launch.sh as a node runs it, here on one machine: how torchrun starts the script, and a
-worker's wait for the master."""
+"""docker/launch.py as a node runs it, here on one machine: the node's role, how torchrun starts
+the script, a worker's wait for the master, restarts and exit codes."""
 
+import importlib.util
 import json
 import os
 import re
@@ -20,7 +21,19 @@ seen = {"torch_loaded": "torch" in sys.modules, "name": __name__, "path0": sys.p
 # and the newline apart, and two ranks' lines could interleave.
 sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
 """
-UNSET = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOG_DIR", "DDP_BACKEND", "START_METHOD", "NODE_ROLE"}
+# What the shell running the tests may hold (inside a node's container, say).
+UNSET = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOG_DIR",
+    "DDP_BACKEND",
+    "START_METHOD",
+    "NODE_ROLE",
+    "NODE_MARKER",
+    "JOB_COMPLETION_INDEX",
+    "SLURM_PROCID",
+}
 
 
 def free_port():
@@ -30,15 +43,11 @@ def free_port():
 
 
 def start(tmp_path, **env):
-    """docker/launch.sh as one node, in the background (stdout and stderr merged)."""
+    """docker/launch.py as one node, in the background (stdout and stderr merged)."""
     (tmp_path / "probe.py").write_text(PROBE)
-    # The launcher runs `python`: the interpreter running these tests, as in the image.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    # Not what the shell running the tests may hold (inside a node's container, say).
     inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
     env = {
         **inherited,
-        "PATH": path,
         "SCRIPT": str(tmp_path / "probe.py"),
         "ARGS": "--flag value",
         "NODE_ROLE": "master",
@@ -51,7 +60,7 @@ def start(tmp_path, **env):
         **env,
     }
     return subprocess.Popen(
-        ["bash", str(ROOT / "docker" / "launch.sh")],
+        [sys.executable, str(ROOT / "docker" / "launch.py")],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -61,7 +70,7 @@ def start(tmp_path, **env):
 
 
 def launch(tmp_path, **env):
-    """docker/launch.sh as one node, to its end."""
+    """docker/launch.py as one node, to its end."""
     node = start(tmp_path, **env)
     stdout, _ = node.communicate(timeout=300)
     return subprocess.CompletedProcess(node.args, node.returncode, stdout)
@@ -133,8 +142,7 @@ def test_the_node_exits_with_the_scripts_status_and_retries_all_but_usage_errors
     tmp_path, code, max_restarts, runs
 ):
     (tmp_path / "exits.py").write_text(EXITS.format(code=code))
-    marker = tmp_path / "marker"
-    marker.touch()  # as entrypoint.sh leaves it
+    marker = tmp_path / "marker"  # a first start: the launcher creates it
     result = launch(
         tmp_path,
         SCRIPT=str(tmp_path / "exits.py"),
@@ -145,7 +153,7 @@ def test_the_node_exits_with_the_scripts_status_and_retries_all_but_usage_errors
     assert result.stdout.count("SCRIPT RAN") == 2 * runs, result.stdout  # 2 processes a run
     assert f"exited with status {code}" in result.stdout
     assert "Traceback" not in result.stdout
-    # A worker container that Docker restarts reads it there (entrypoint.sh).
+    # A worker container that Docker restarts reads it there.
     assert marker.read_text() == f"{code}\n"
 
 
@@ -185,15 +193,62 @@ def test_a_finished_two_node_job_ends_cleanly_on_both_nodes(tmp_path):
     assert sorted(p["rank"] for out in outputs for p in probes(out)) == ["0", "1"]
 
 
-def test_a_worker_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_path):
+def test_a_node_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_path):
     marker = tmp_path / "marker"
-    env = {**os.environ, "NODE_MARKER": str(marker), "NODE_ROLE": "master"}
-    entrypoint = ["bash", str(ROOT / "docker" / "entrypoint.sh"), "echo", "started"]
-    first = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=60)
-    assert (first.returncode, first.stdout) == (0, "started\n"), first.stderr
-    assert marker.exists()
-    marker.write_text("2\n")  # what the launcher writes after a usage error
-    again = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2
-    assert again.stdout == ""
-    assert "not restarting: the last run ended with a usage or data error" in again.stderr
+    marker.write_text("2\n")  # what the last run wrote
+    result = launch(tmp_path, NODE_MARKER=str(marker))
+    assert result.returncode == 2
+    assert "ERROR: not restarting: the last run ended with a usage or data error" in result.stdout
+    assert "PROBE" not in result.stdout
+
+
+def test_a_restarted_worker_whose_master_is_gone_exits_before_importing_torch(tmp_path):
+    marker = tmp_path / "marker"
+    marker.write_text("137\n")  # killed; Docker restarted the container
+    port = free_port()  # nothing listens there
+    result = launch(
+        tmp_path,
+        NODE_ROLE="worker",
+        NODE_MARKER=str(marker),
+        RDZV_PORT=str(port),
+        REJOIN_TIMEOUT="1",
+        WAIT_TIMEOUT="100",
+        PYTHONPROFILEIMPORTTIME="1",
+    )
+    assert result.returncode == 1, result.stdout
+    assert f"ERROR: master 127.0.0.1:{port} did not answer within 1s" in result.stdout
+    assert not re.search(r"\|\s+torch$", result.stdout, re.MULTILINE)
+
+
+def load_launcher():
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "docker" / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "env, role",
+    [
+        ({"NODE_ROLE": "worker", "MASTER_ADDR": socket.gethostname()}, "worker"),
+        ({"JOB_COMPLETION_INDEX": "0", "MASTER_ADDR": "job-0.job"}, "master"),
+        ({"JOB_COMPLETION_INDEX": "2", "MASTER_ADDR": "job-0.job"}, "worker"),
+        # Two Slurm tasks on one node share the hostname: the task id decides.
+        ({"SLURM_PROCID": "1", "MASTER_ADDR": socket.gethostname()}, "worker"),
+        ({"MASTER_ADDR": socket.gethostname()}, "master"),
+        ({"MASTER_ADDR": "master-host-elsewhere"}, "worker"),
+        ({}, "master"),  # MASTER_ADDR defaults to 127.0.0.1: a one-node job
+    ],
+)
+def test_the_role_is_decided_once_from_the_engine(monkeypatch, env, role):
+    for name in UNSET | {"MASTER_ADDR"}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert load_launcher().node_role() == role
+
+
+def test_an_unknown_role_is_refused(tmp_path):
+    result = launch(tmp_path, NODE_ROLE="boss")
+    assert result.returncode == 2
+    assert "ERROR: NODE_ROLE must be master or worker, not 'boss'" in result.stdout

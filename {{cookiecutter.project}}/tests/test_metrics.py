@@ -2,15 +2,15 @@ import json
 
 import pytest
 
-import train_dist
+from {{ cookiecutter.package }}.logs import progress_bar
 from {{ cookiecutter.package }}.metrics import MetricsLog
 from {{ cookiecutter.package }}.plot import plot
 
 
 def test_metrics_log_writes_json_lines_and_tensorboard_events(tmp_path):
     metrics = MetricsLog(tmp_path)
-    metrics.record(1, loss=2.0, accuracy=0.1)
-    metrics.record(2, loss=1.0, accuracy=0.5)
+    metrics.record(1, 2, {"loss": 2.0, "accuracy": 0.1, "samples_per_s": 100.0})
+    metrics.record(2, 2, {"loss": 1.0, "accuracy": 0.5, "samples_per_s": 100.0})
     metrics.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [(r["epoch"], r["loss"]) for r in rows] == [(1, 2.0), (2, 1.0)]
@@ -19,7 +19,7 @@ def test_metrics_log_writes_json_lines_and_tensorboard_events(tmp_path):
 
 
 def test_only_rank_0_writes(tmp_path):
-    MetricsLog(tmp_path, enabled=False).record(1, loss=1.0)
+    MetricsLog(tmp_path, enabled=False).record(1, 1, {"loss": 1.0})
     assert not list(tmp_path.iterdir())
 
 
@@ -41,7 +41,7 @@ def test_plot_without_metrics_says_so(tmp_path):
 
 def test_no_progress_bar_without_a_terminal():
     loader = [1, 2, 3]
-    assert train_dist.progress_bar(loader, enabled=True, description="x") is loader
+    assert progress_bar(loader, description="x") is loader
 
 
 def test_plot_before_any_training_says_so(tmp_path):

@@ -64,6 +64,30 @@ def save(state: dict, directory, epoch: int, step: int = 0, keep: int = 3) -> Pa
     return final
 
 
+def state(model, optimizer, epoch: int, step: int, metrics) -> dict:
+    """What a checkpoint holds: enough to go on from (epoch, step) as if never stopped."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "loss": metrics["loss"] if metrics else None,
+        "accuracy": metrics["accuracy"] if metrics else None,
+    }
+
+
+def restore(state, model, optimizer):
+    """Load a checkpoint's state; return the (epoch, step, metrics) to go on from."""
+    if state is None:
+        return 0, 0, None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    metrics = None
+    if state["loss"] is not None:
+        metrics = {"loss": state["loss"], "accuracy": state["accuracy"]}
+    return state["epoch"], state.get("step", 0), metrics
+
+
 def load_latest(directory):
     """Return (state, path) of the newest checkpoint that loads, or (None, None)."""
     for path in reversed(checkpoints(directory)):

@@ -15,7 +15,23 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 class DataError(Exception):
-    """The data directory cannot be used; the message says why."""
+    """A folder the job reads or writes cannot be used; the message says why."""
+
+
+def writable_dir(path) -> Path:
+    """Create the folder if needed; refuse one this user cannot write, with a message."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        pass
+    except FileExistsError:
+        raise DataError(f"{path} is a file, not a folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(
+            f"{path} is not writable by uid {os.getuid()}: "
+            "on the host, chown the folder to the container's APP_UID (make dirs does)"
+        )
+    return Path(path)
 
 
 def synthetic(samples: int, num_classes: int = 10, seed: int = 0) -> TensorDataset:
