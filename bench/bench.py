@@ -299,7 +299,7 @@ def main():
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
     if only and RESULTS.exists():
         kept = json.loads(RESULTS.read_text())
-        kept.update({k: v for k, v in results.items() if k in ("machine", "repeat")})
+        kept["machine"] = results["machine"]
         results = kept
     try:
         for step in steps:
@@ -308,6 +308,7 @@ def main():
                 continue
             print(f"bench: {name} ...", flush=True)
             step(results)
+            results.setdefault("repeats", {})[name] = REPEAT
     finally:
         # Containers, network and every image of the project, the untagged ones of rebuilds too.
         run(["make", "clean"], check=False)

@@ -12,9 +12,11 @@ def _fmt(entry, unit=""):
 
 def write_report(r, folder):
     m = r["machine"]
+    # Rows re-measured on their own (BENCH_ONLY) may have been repeated another number of times.
+    other = [f"{k} rows: {n}" for k, n in r.get("repeats", {}).items() if n != r["repeat"]]
     rows = [
         f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Docker {m['docker']}, {m['date']}; "
-        f"median (min–max) of {r['repeat']} runs.",
+        f"median (min–max) of {r['repeat']} runs{' (' + ', '.join(other) + ')' if other else ''}.",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",
