@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import checkpoint, distributed
-from {{ cookiecutter.package }}.data import DataError, build_dataset, make_loader, writable_dir
+from {{ cookiecutter.package }}.data import DataError, build_dataset, writable_dir
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress_bar, setup_logging
 from {{ cookiecutter.package }}.metrics import EpochTotals, MetricsLog
 from {{ cookiecutter.package }}.model import SmallCNN
+from {{ cookiecutter.package }}.samples import SampleLog
+from {{ cookiecutter.package }}.sampling import PAD, make_loader
 
 log = logging.getLogger("train")
 
@@ -57,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["gloo", "nccl"], default=distributed.default_backend())
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
     p.add_argument(
+        "--record-samples",
+        action="store_true",
+        help="record the ids each rank trains under LOG_DIR/samples (make samples-report)",
+    )
+    p.add_argument(
         "--timeout",
         type=positive(int),
         default=120,
@@ -68,31 +75,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_epoch(model, loader, optimizer, device, skip, stop, bf16):
-    """Train one epoch from batch `skip` on; return this rank's totals, the batches done, and
-    whether it stopped early because a stop was agreed."""
+def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log):
+    """Train the rest of an epoch; return this rank's totals, the steps done, and whether it
+    stopped early because a stop was agreed."""
     model.train()
     totals = EpochTotals(device)
-    step = 0
-    for step, (images, labels) in enumerate(progress_bar(loader, "train")):
-        if step < skip:
-            continue
+    steps = 0
+    for images, labels, ids in progress_bar(loader, "train"):
         if stop.agreed(device):
-            return totals, step, True
-        images, labels = images.to(device), labels.to(device)
+            return totals, steps, True
+        images, labels, real = images.to(device), labels.to(device), (ids != PAD).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            # Padding fills the last step's short ranks and counts for nothing.
+            loss = (losses * real).sum() / real.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals.add(loss, logits, labels)
-    return totals, step + 1, False
+        totals.add(losses, logits, labels, real)
+        sample_log.add(ids[ids != PAD])
+        steps += 1
+    return totals, steps, False
 
 
-def save(args, model, optimizer, epoch, step, metrics):
-    state = checkpoint.state(model, optimizer, epoch, step, metrics)
-    return checkpoint.save(state, args.checkpoint_dir, epoch, step, keep=args.keep)
+def save(args, model, optimizer, where, metrics):
+    state = checkpoint.state(model, optimizer, where, metrics)
+    return checkpoint.save(state, args.checkpoint_dir, where["epoch"], where["samples"], args.keep)
 
 
 def train(args, stop):
@@ -110,7 +119,7 @@ def train(args, stop):
         if master_process:
             writable_dir(args.checkpoint_dir)
         dataset, classes, about = build_dataset(args.data_dir, args.samples, args.seed)
-    loader, sampler = make_loader(
+    loader, batches = make_loader(
         dataset, args.batch_size, rank, world_size, args.seed, args.workers
     )
     log.info("world size %d, backend %s, data: %s", world_size, args.backend, about)
@@ -120,27 +129,45 @@ def train(args, stop):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     state, path = checkpoint.load_latest(args.checkpoint_dir) if master_process else (None, None)
     state = distributed.from_rank_0(state)
-    start_epoch, start_step, metrics = checkpoint.restore(state, model, optimizer)
+    per_step = args.batch_size * world_size
+    start_epoch, consumed, seed, metrics = checkpoint.restore(state, model, optimizer, per_step)
+    if seed not in (None, args.seed):
+        # The epoch's order comes from the seed: another one would train some samples twice.
+        message = f"{path} was trained with --seed {seed}: resume with it, or start afresh"
+        raise DataError(message if master_process else "")
     if path:
-        log.info("resumed from %s: epoch %d done, step %d", path, start_epoch, start_step)
+        log.info(
+            "resumed from %s: epoch %d done, %d samples into the next", path, start_epoch, consumed
+        )
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
 
     # loop: an epoch at a time, each saved; a stop asked of any rank ends all at the same step
     stopped = False
-    with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log:
+    sample_log = SampleLog(args.log_dir, rank, enabled=args.record_samples)
+    metrics_log = MetricsLog(args.log_dir, enabled=master_process)
+    with stop, closing(metrics_log), sample_log:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
+            batches.set_epoch(epoch, consumed if epoch == start_epoch else 0)
+            sample_log.start(epoch, len(dataset))
             started = time.perf_counter()
-            skip = start_step if epoch == start_epoch else 0
-            totals, step, stopped = run_epoch(net, loader, optimizer, device, skip, stop, args.bf16)
+            totals, steps, stopped = run_epoch(
+                net, loader, optimizer, device, stop, args.bf16, sample_log
+            )
             if stopped:
+                where = batches.position(steps)
                 if master_process:
-                    saved = save(args, model, optimizer, epoch, step, metrics)
-                    log.info("stop requested: saved %s at epoch %d step %d", saved, epoch + 1, step)
+                    saved = save(args, model, optimizer, where, metrics)
+                    log.info(
+                        "stop requested: saved %s at epoch %d, sample %d of %d",
+                        saved,
+                        epoch + 1,
+                        where["samples"],
+                        len(dataset),
+                    )
                 break
             metrics = totals.over_ranks(seconds=time.perf_counter() - started)
             if master_process:
-                save(args, model, optimizer, epoch + 1, 0, metrics)
+                save(args, model, optimizer, batches.position(), metrics)
             metrics_log.record(epoch + 1, args.epochs, metrics)
 
     # finish: the stop's status, or a check that every rank ended with the same weights

@@ -74,7 +74,7 @@ def test_make_down_saves_a_checkpoint_and_next_up_resumes(project):
     stopped = time.monotonic() - started
     out = job.finish()
     saved = re.search(
-        r"stop requested: saved /checkpoints/graceful/(\S+) at epoch \d+ step (\d+)", out
+        r"stop requested: saved /checkpoints/graceful/(\S+) at epoch \d+, sample (\d+)", out
     )
     assert saved, out[-3000:]
     assert "make up: STOPPED" in out

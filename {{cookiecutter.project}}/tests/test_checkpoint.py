@@ -52,11 +52,11 @@ def test_no_checkpoint(tmp_path):
 
 def test_mid_epoch_checkpoints_sort_between_epochs(tmp_path):
     checkpoint.save(_state(2), tmp_path, 2)
-    checkpoint.save(_state(3), tmp_path, 2, step=40)
+    checkpoint.save(_state(3), tmp_path, 2, samples=2560)
     checkpoint.save(_state(1), tmp_path, 1)
     names = [p.name for p in checkpoint.checkpoints(tmp_path)]
-    assert names == ["ckpt-epoch0001.pt", "ckpt-epoch0002.pt", "ckpt-epoch0002-step000040.pt"]
-    assert checkpoint.load_latest(tmp_path)[1].name == "ckpt-epoch0002-step000040.pt"
+    assert names == ["ckpt-epoch0001.pt", "ckpt-epoch0002.pt", "ckpt-epoch0002-sample00002560.pt"]
+    assert checkpoint.load_latest(tmp_path)[1].name == "ckpt-epoch0002-sample00002560.pt"
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -103,25 +103,35 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
     assert state["epoch"] == 1 and path.name == "ckpt-epoch0001.pt"
 
 
-def test_a_restored_state_goes_on_where_it_was_saved(tmp_path):
+def _model_and_optimizer(seed):
     from {{ cookiecutter.package }}.model import SmallCNN
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = SmallCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_a_restored_state_goes_on_where_it_was_saved(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
     metrics = {"loss": 1.5, "accuracy": 0.25, "samples_per_s": 10.0, "world_size": 2}
-    path = checkpoint.save(checkpoint.state(model, optimizer, 2, 7, metrics), tmp_path, 2, 7)
+    where = {"epoch": 2, "samples": 448, "world_size": 2, "batch_size": 32, "seed": 7}
+    path = checkpoint.save(checkpoint.state(model, optimizer, where, metrics), tmp_path, 2, 448)
     state, _ = checkpoint.load_latest(tmp_path)
 
-    torch.manual_seed(1)
-    other = SmallCNN()
-    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    assert checkpoint.restore(state, other, other_optimizer) == (
-        2,
-        7,
-        {"loss": 1.5, "accuracy": 0.25},
-    )
-    assert path.name == "ckpt-epoch0002-step000007.pt"
+    other, other_optimizer = _model_and_optimizer(1)
+    restored = checkpoint.restore(state, other, other_optimizer, samples_per_step=99)
+    assert restored == (2, 448, 7, {"loss": 1.5, "accuracy": 0.25})
+    assert path.name == "ckpt-epoch0002-sample00000448.pt"
     for name, tensor in model.state_dict().items():
         assert torch.equal(other.state_dict()[name], tensor), name
-    assert checkpoint.restore(None, other, other_optimizer) == (0, 0, None)
+    assert checkpoint.restore(None, other, other_optimizer, 99) == (0, 0, None, None)
+
+
+def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    older = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}
+    older.update(step=40, loss=None, accuracy=None)
+    torch.save(older, tmp_path / "ckpt-epoch0001-step000040.pt")
+    state, path = checkpoint.load_latest(tmp_path)
+    assert path.name == "ckpt-epoch0001-step000040.pt"
+    assert checkpoint.restore(state, model, optimizer, samples_per_step=64) == (1, 2560, None, None)

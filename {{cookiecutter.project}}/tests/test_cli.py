@@ -180,17 +180,17 @@ def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
     (tmp_path / "data").mkdir()
     out = _stop_after_first_epoch(_start(tmp_path, sys.executable, "train_dist.py"))
     stopped = re.search(
-        r"stop requested: saved \S+/(ckpt-epoch(\d{4})(-step(\d+))?\.pt) at epoch (\d+)", out
+        r"stop requested: saved \S+/(ckpt-epoch(\d{4})(-sample(\d+))?\.pt) at epoch (\d+)", out
     )
     assert stopped, out
-    name, done, step = stopped.group(1), int(stopped.group(2)), int(stopped.group(4) or 0)
+    name, done, samples = stopped.group(1), int(stopped.group(2)), int(stopped.group(4) or 0)
     epoch = int(stopped.group(5))
     assert epoch == done + 1 >= 2
     assert (tmp_path / "ckpt" / name).exists()
 
     again = _train(tmp_path, "--epochs", str(epoch), "--samples", "4096", "--batch-size", "16")
     assert again.returncode == 0, again.stderr
-    assert f"epoch {done} done, step {step}" in again.stdout
+    assert f"epoch {done} done, {samples} samples into the next" in again.stdout
     assert re.findall(rf"epoch (\d+)/{epoch}", again.stdout) == [str(epoch)]
 
 
@@ -199,7 +199,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     process = _start(tmp_path, *TORCHRUN_2)
     out = _stop_after_first_epoch(process)
     assert process.returncode != 0
-    assert re.search(r"stop requested: saved \S+/ckpt-epoch\d{4}(-step\d+)?\.pt", out), out
+    assert re.search(r"stop requested: saved \S+/ckpt-epoch\d{4}(-sample\d+)?\.pt", out), out
     assert "Traceback" not in out.split("stop requested")[0]
 
 

@@ -4,8 +4,9 @@ A reader never sees a half-written file under the final name; a failed write (a 
 leaves the previous checkpoint as it was; and a file that does not load is moved aside, never
 deleted, so the one before it is used and the bad one can be inspected.
 
-Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-step000040.pt when the job
-stopped 40 steps into the 4th epoch (a graceful stop).
+Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-sample00002560.pt when the job
+stopped 2,560 samples into the 4th epoch (a graceful stop). Older mid-epoch checkpoints,
+ckpt-epoch0003-step000040.pt, counted steps of the world size that wrote them; they still load.
 """
 
 import logging
@@ -16,11 +17,13 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-step(\d+))?\.pt$")
+NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
 
 
-def name(epoch: int, step: int = 0) -> str:
-    return f"ckpt-epoch{epoch:04d}.pt" if step == 0 else f"ckpt-epoch{epoch:04d}-step{step:06d}.pt"
+def name(epoch: int, samples: int = 0) -> str:
+    if samples == 0:
+        return f"ckpt-epoch{epoch:04d}.pt"
+    return f"ckpt-epoch{epoch:04d}-sample{samples:08d}.pt"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -43,11 +46,11 @@ def checkpoints(directory) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def save(state: dict, directory, epoch: int, step: int = 0, keep: int = 3) -> Path:
-    """Write state as the checkpoint of (epoch, step); keep only the newest `keep`."""
+def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) -> Path:
+    """Write state as the checkpoint of `samples` into epoch `epoch`; keep the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name(epoch, step)
+    final = directory / name(epoch, samples)
     tmp = directory / f".{final.name}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -64,28 +67,33 @@ def save(state: dict, directory, epoch: int, step: int = 0, keep: int = 3) -> Pa
     return final
 
 
-def state(model, optimizer, epoch: int, step: int, metrics) -> dict:
-    """What a checkpoint holds: enough to go on from (epoch, step) as if never stopped."""
+def state(model, optimizer, position, metrics) -> dict:
+    """What a checkpoint holds: enough to go on from `position` (EpochBatches.position) as if
+    never stopped."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
+        **position,
         "loss": metrics["loss"] if metrics else None,
         "accuracy": metrics["accuracy"] if metrics else None,
     }
 
 
-def restore(state, model, optimizer):
-    """Load a checkpoint's state; return the (epoch, step, metrics) to go on from."""
+def restore(state, model, optimizer, samples_per_step):
+    """Load a checkpoint's state; return the (epoch, samples, seed, metrics) to go on from.
+
+    An older checkpoint counted steps, not samples: its steps are taken to be of the current
+    world size and batch size (`samples_per_step`), as the code that wrote it resumed them.
+    """
     if state is None:
-        return 0, 0, None
+        return 0, 0, None, None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     metrics = None
     if state["loss"] is not None:
         metrics = {"loss": state["loss"], "accuracy": state["accuracy"]}
-    return state["epoch"], state.get("step", 0), metrics
+    samples = state.get("samples", state.get("step", 0) * samples_per_step)
+    return state["epoch"], samples, state.get("seed"), metrics
 
 
 def load_latest(directory):

@@ -1,4 +1,4 @@
-"""Datasets and the distributed loader.
+"""Datasets, and the folders a job reads and writes.
 
 An ImageFolder under the data directory is used when there is one (one sub-folder per class);
 otherwise a synthetic dataset that a small model can learn, so the job runs with no downloads.
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -73,18 +73,3 @@ def build_dataset(data_dir, samples: int, seed: int = 0):
     )
     folder = datasets.ImageFolder(data_dir, transform=transform)
     return folder, len(folder.classes), f"ImageFolder {data_dir} ({len(folder)} images)"
-
-
-def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int = 0):
-    """A loader whose sampler gives this rank its own shard; call sampler.set_epoch each epoch."""
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
-    return loader, sampler

@@ -22,10 +22,11 @@ class EpochTotals:
             3, dtype=torch.float64, device=device
         )
 
-    def add(self, loss, logits, labels):
-        self.loss_sum += loss.detach() * labels.numel()
-        self.correct += (logits.argmax(1) == labels).sum()
-        self.samples += labels.numel()
+    def add(self, losses, logits, labels, real):
+        """A step's per-sample losses; `real` masks out padding."""
+        self.loss_sum += (losses.detach() * real).sum()
+        self.correct += ((logits.argmax(1) == labels) & real).sum()
+        self.samples += real.sum()
 
     def over_ranks(self, seconds):
         """Mean loss and accuracy, and samples per second, over every rank: one all-reduce."""
@@ -34,6 +35,7 @@ class EpochTotals:
             dist.all_reduce(self._sums)
             ranks = dist.get_world_size()
         loss_sum, correct, samples = self._sums.tolist()
+        samples = max(samples, 1)  # an epoch resumed at its very end trained none
         return {
             "loss": loss_sum / samples,
             "accuracy": correct / samples,

@@ -1,0 +1,94 @@
+"""Stops and world-size changes train every sample of every epoch exactly once, and a job
+stopped and resumed at the same world size ends with the uninterrupted run's weights."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from {{ cookiecutter.package }} import samples
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ["--epochs=3", "--samples=3000", "--batch-size=16", "--record-samples"]
+
+
+def torchrun(tmp_path, processes):
+    """The job under torchrun, in the background, with its folders under tmp_path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    folders = [f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log")]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + [f"--nproc-per-node={processes}", "train_dist.py", *JOB, *folders],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_in_epoch(job, tmp_path, epoch):
+    """SIGTERM to the job once its ranks have trained a step of `epoch`: a stop mid-epoch."""
+    records = tmp_path / "log" / "samples" / f"epoch{epoch:04d}"
+    deadline = time.monotonic() + 120
+    while not any(f.stat().st_size for f in records.glob("*.ids")):
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=120)
+    saved = re.search(r"stop requested: saved \S+ at epoch (\d+), sample (\d+) of 3000", out)
+    assert saved and saved.group(1) == str(epoch) and int(saved.group(2)) > 0, out
+    return out
+
+
+def finish(job):
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out
+    return out
+
+
+def fingerprint(out):
+    return re.search(r"weights by rank: 0@\S+=(\w+)", out).group(1)
+
+
+def test_three_ranks_stopped_mid_epoch_resume_as_two_and_train_each_sample_once(tmp_path):
+    (tmp_path / "data").mkdir()
+    stop_in_epoch(torchrun(tmp_path, 3), tmp_path, epoch=2)
+    out = finish(torchrun(tmp_path, 2))
+    assert "world size 2" in out and re.search(r"epoch 1 done, \d+ samples into the next", out)
+    assert samples.count(tmp_path / "log" / "samples") == [
+        (1, 3000, 0, 0),
+        (2, 3000, 0, 0),
+        (3, 3000, 0, 0),
+    ]
+
+
+def test_stops_at_the_same_world_size_end_with_the_uninterrupted_weights(tmp_path):
+    for run in ("whole", "stopped"):
+        (tmp_path / run / "data").mkdir(parents=True)
+    whole = finish(torchrun(tmp_path / "whole", 2))
+    stop_in_epoch(torchrun(tmp_path / "stopped", 2), tmp_path / "stopped", epoch=1)
+    stop_in_epoch(torchrun(tmp_path / "stopped", 2), tmp_path / "stopped", epoch=2)
+    resumed = finish(torchrun(tmp_path / "stopped", 2))
+    assert fingerprint(resumed) == fingerprint(whole)
+    assert [row[1:] for row in samples.count(tmp_path / "stopped" / "log" / "samples")] == [
+        (3000, 0, 0)
+    ] * 3
+
+
+def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):
+    epoch = tmp_path / "epoch0001"
+    epoch.mkdir()
+    (epoch / "size").write_text("4\n")
+    (epoch / "a-1-r0.ids").write_text("0\n1\n")
+    (epoch / "b-2-r0.ids").write_text("1\n2\n")
+    assert samples.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().out == "epoch 1: 3 trained, 1 missing, 1 repeated\n"
+    (epoch / "c-3-r1.ids").write_text("3\n")
+    assert samples.main(["--at-least-once", str(tmp_path)]) == 0
+    (epoch / "b-2-r0.ids").write_text("2\n")
+    assert samples.main([str(tmp_path)]) == 0

@@ -1,0 +1,91 @@
+"""Which samples were trained: each rank's record (train_dist.py --record-samples), and the report
+that checks every sample of every epoch was trained exactly once.
+
+Records: LOG_DIR/samples/epochNNNN/size (the epoch's sample count) and one file of ids per rank
+and start (<host>-<pid>-r<rank>.ids, an id a line, written after each step), so that restarts and
+other world sizes add files and never overwrite one.
+
+usage: python -m {{ cookiecutter.package }}.samples [--at-least-once] [FOLDER]   (make samples-report)
+"""
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+class SampleLog:
+    """A rank's record of the sample ids it trained; does nothing unless enabled."""
+
+    def __init__(self, log_dir, rank, enabled):
+        self.folder = Path(log_dir) / "samples"
+        self.rank, self.enabled = rank, enabled
+        self.file = None
+
+    def start(self, epoch, size):
+        self.close()
+        if not self.enabled:
+            return
+        folder = self.folder / f"epoch{epoch + 1:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (folder / "size").write_text(f"{size}\n")
+        name = f"{os.uname().nodename}-{os.getpid()}-r{self.rank}.ids"
+        self.file = open(folder / name, "a")  # closed by close(), at the next epoch or the end
+
+    def add(self, ids):
+        if self.file is not None:
+            self.file.write("".join(f"{i}\n" for i in ids.tolist()))
+            # A killed rank's record ends at its last whole step.
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def count(folder):
+    """(epoch, trained, missing, repeated) for each epoch recorded under `folder`."""
+    rows = []
+    for epoch_dir in sorted(Path(folder).glob("epoch*")):
+        size = int((epoch_dir / "size").read_text())
+        times = Counter(int(i) for f in epoch_dir.glob("*.ids") for i in f.read_text().split())
+        trained = sum(1 for i in times if 0 <= i < size)
+        repeated = sum(n - 1 for n in times.values())
+        rows.append((int(epoch_dir.name.removeprefix("epoch")), trained, size - trained, repeated))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check each epoch trained every sample once.")
+    parser.add_argument("folder", nargs="?", default="logs/samples")
+    parser.add_argument(
+        "--at-least-once",
+        action="store_true",
+        help="accept repeated samples (a run with kills), not missing ones",
+    )
+    args = parser.parse_args(argv)
+    rows = count(args.folder)
+    if not rows:
+        print(
+            f"ERROR: no sample records in {args.folder} (train with --record-samples)",
+            file=sys.stderr,
+        )
+        return 2
+    failed = False
+    for epoch, trained, missing, repeated in rows:
+        print(f"epoch {epoch}: {trained} trained, {missing} missing, {repeated} repeated")
+        failed |= missing > 0 or (repeated > 0 and not args.at_least_once)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
