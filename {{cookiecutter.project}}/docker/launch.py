@@ -188,6 +188,7 @@ def torchrun_arguments(role, script):
 def run_torchrun(role, arguments):
     """torchrun's main() with three changes (README, "Exit codes"); returns the node's status."""
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
     from torch.distributed.run import main
@@ -219,6 +220,10 @@ def run_torchrun(role, arguments):
         reason = "a usage or data error: not restarted" if status == USAGE_ERROR else "failed"
         print(f"torchrun: rank {rank} exited with status {code} ({reason})", flush=True)
         return status
+    except SignalException as error:
+        # Stopped (docker stop, make down, an eviction): the ranks saved where they stopped.
+        print(f"torchrun: stopped by {error.sigval.name}", flush=True)
+        return 128 + error.sigval
 
 
 class WithoutTraceback(logging.Filter):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -252,3 +253,20 @@ def test_an_unknown_role_is_refused(tmp_path):
     result = launch(tmp_path, NODE_ROLE="boss")
     assert result.returncode == 2
     assert "ERROR: NODE_ROLE must be master or worker, not 'boss'" in result.stdout
+
+
+def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
+    (tmp_path / "data").mkdir()
+    folders = f"--data-dir {tmp_path}/data --checkpoint-dir {tmp_path}/ckpt --log-dir {tmp_path}"
+    node = start(tmp_path, SCRIPT="train_dist.py", ARGS=f"--epochs 50 --samples 4096 {folders}")
+    lines = []
+    for line in node.stdout:
+        lines.append(line)
+        if "epoch 1/50" in line:
+            node.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + node.communicate(timeout=120)[0]
+    # Stopped, not failed: 128 + SIGTERM, as `docker stop` of a plain process gives.
+    assert node.returncode == 143, out
+    assert "stop requested: saved" in out and "torchrun: stopped by SIGTERM" in out
+    assert "Traceback" not in out
