@@ -54,6 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR", "checkpoints"))
     p.add_argument("--log-dir", default=os.environ.get("LOG_DIR", "logs"))
     p.add_argument("--keep", type=positive(int), default=3, help="checkpoints to keep")
+    p.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=500,
+        help="also save every N steps into an epoch: a kill loses at most N steps (0: only at "
+        "epoch ends and stops; default 500)",
+    )
     p.add_argument("--samples", type=positive(int), default=2048, help="synthetic dataset size")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=distributed.default_backend())
@@ -75,7 +82,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log):
+def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log, saver):
     """Train the rest of an epoch; return this rank's totals, the steps done, and whether it
     stopped early because a stop was agreed."""
     model.train()
@@ -96,12 +103,8 @@ def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log):
         totals.add(losses, logits, labels, real)
         sample_log.add(ids[ids != PAD])
         steps += 1
+        saver.midway(steps)
     return totals, steps, False
-
-
-def save(args, model, optimizer, where, metrics):
-    state = checkpoint.state(model, optimizer, where, metrics)
-    return checkpoint.save(state, args.checkpoint_dir, where["epoch"], where["samples"], args.keep)
 
 
 def train(args, stop):
@@ -143,31 +146,30 @@ def train(args, stop):
 
     # loop: an epoch at a time, each saved; a stop asked of any rank ends all at the same step
     stopped = False
+    saver = checkpoint.Saver(
+        args.checkpoint_dir,
+        args.keep,
+        args.save_every_steps,
+        model,
+        optimizer,
+        batches,
+        metrics,
+        enabled=master_process,
+    )
     sample_log = SampleLog(args.log_dir, rank, enabled=args.record_samples)
-    metrics_log = MetricsLog(args.log_dir, enabled=master_process)
-    with stop, closing(metrics_log), sample_log:
+    with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log, sample_log:
         for epoch in range(start_epoch, args.epochs):
             batches.set_epoch(epoch, consumed if epoch == start_epoch else 0)
             sample_log.start(epoch, len(dataset))
             started = time.perf_counter()
             totals, steps, stopped = run_epoch(
-                net, loader, optimizer, device, stop, args.bf16, sample_log
+                net, loader, optimizer, device, stop, args.bf16, sample_log, saver
             )
             if stopped:
-                where = batches.position(steps)
-                if master_process:
-                    saved = save(args, model, optimizer, where, metrics)
-                    log.info(
-                        "stop requested: saved %s at epoch %d, sample %d of %d",
-                        saved,
-                        epoch + 1,
-                        where["samples"],
-                        len(dataset),
-                    )
+                saver.stopped(steps)
                 break
             metrics = totals.over_ranks(seconds=time.perf_counter() - started)
-            if master_process:
-                save(args, model, optimizer, batches.position(), metrics)
+            saver.epoch_done(metrics)
             metrics_log.record(epoch + 1, args.epochs, metrics)
 
     # finish: the stop's status, or a check that every rank ended with the same weights

@@ -15,29 +15,36 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ["--epochs=3", "--samples=3000", "--batch-size=16", "--record-samples"]
 
 
-def torchrun(tmp_path, processes):
-    """The job under torchrun, in the background, with its folders under tmp_path."""
+def torchrun(tmp_path, processes, *extra):
+    """The job under torchrun, in the background (its own process group), with its folders
+    under tmp_path."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     folders = [f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log")]
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        + [f"--nproc-per-node={processes}", "train_dist.py", *JOB, *folders],
+        + [f"--nproc-per-node={processes}", "train_dist.py", *JOB, *folders, *extra],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+
+
+def wait_for_records(job, tmp_path, epoch, lines=1):
+    """Until the ranks have recorded `lines` samples of `epoch` (1-based)."""
+    records = tmp_path / "log" / "samples" / f"epoch{epoch:04d}"
+    deadline = time.monotonic() + 120
+    while sum(f.read_text().count("\n") for f in records.glob("*.ids")) < lines:
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.01)
 
 
 def stop_in_epoch(job, tmp_path, epoch):
     """SIGTERM to the job once its ranks have trained a step of `epoch`: a stop mid-epoch."""
-    records = tmp_path / "log" / "samples" / f"epoch{epoch:04d}"
-    deadline = time.monotonic() + 120
-    while not any(f.stat().st_size for f in records.glob("*.ids")):
-        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
-        time.sleep(0.01)
+    wait_for_records(job, tmp_path, epoch)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
     saved = re.search(r"stop requested: saved \S+ at epoch (\d+), sample (\d+) of 3000", out)
@@ -78,6 +85,20 @@ def test_stops_at_the_same_world_size_end_with_the_uninterrupted_weights(tmp_pat
     assert [row[1:] for row in samples.count(tmp_path / "stopped" / "log" / "samples")] == [
         (3000, 0, 0)
     ] * 3
+
+
+def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
+    (tmp_path / "data").mkdir()
+    every, batch, ranks = 5, 16, 2
+    job = torchrun(tmp_path, ranks, f"--save-every-steps={every}")
+    wait_for_records(job, tmp_path, epoch=2, lines=1000)
+    os.killpg(job.pid, signal.SIGKILL)  # the agent and its ranks: no stop, no save
+    job.communicate(timeout=60)
+    finish(torchrun(tmp_path, ranks, f"--save-every-steps={every}"))
+    counted = samples.count(tmp_path / "log" / "samples")
+    assert [row[:3] for row in counted] == [(e, 3000, 0) for e in (1, 2, 3)]  # none missing
+    assert counted[0][3] == counted[2][3] == 0
+    assert 0 <= counted[1][3] <= every * batch * ranks, counted  # repeated: at most 5 steps
 
 
 def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):

@@ -106,3 +106,41 @@ def load_latest(directory):
             os.replace(path, aside)
             log.warning("checkpoint %s does not load (%s); moved to %s", path, err, aside.name)
     return None, None
+
+
+class Saver:
+    """A run's checkpoints, written by rank 0 alone (DDP keeps the weights equal on every rank):
+    at the end of each epoch, every `every` steps into one (0: never), and where a stop left off.
+    `batches` (sampling.EpochBatches) says where training stands."""
+
+    def __init__(self, directory, keep, every, model, optimizer, batches, metrics, enabled):
+        self.directory, self.keep, self.every = directory, keep, every
+        self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.metrics, self.enabled = metrics, enabled
+
+    def epoch_done(self, metrics):
+        self.metrics = metrics
+        self._save(self.batches.position())
+
+    def midway(self, steps):
+        if self.every and steps % self.every == 0:
+            self._save(self.batches.position(steps))
+
+    def stopped(self, steps):
+        where = self.batches.position(steps)
+        path = self._save(where)
+        if path:
+            size = self.batches.size
+            log.info(
+                "stop requested: saved %s at epoch %d, sample %d of %d",
+                path,
+                where["epoch"] + 1,
+                where["samples"],
+                size,
+            )
+
+    def _save(self, where):
+        if self.enabled:
+            state_now = state(self.model, self.optimizer, where, self.metrics)
+            return save(state_now, self.directory, where["epoch"], where["samples"], self.keep)
+        return None
