@@ -8,7 +8,9 @@ import re
 
 from helpers import wait_until
 
-ARGS = "--epochs 3 --samples 6000 --record-samples"
+# Epochs of several seconds: the stop, sent once epoch 2 has begun, lands inside it.
+SAMPLES = 20000
+ARGS = f"--epochs 3 --samples {SAMPLES} --batch-size 32 --record-samples"
 
 
 def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
@@ -24,13 +26,16 @@ def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
     )
     project.make("down")
     stopped = job.finish()
-    saved = re.search(r"stop requested: saved \S+ at epoch 2, sample (\d+) of 6000", stopped)
-    assert saved and 0 < int(saved.group(1)) < 6000, stopped[-3000:]
+    saved = re.search(
+        rf"stop requested: saved \S+ at epoch (\d), sample (\d+) of {SAMPLES}", stopped
+    )
+    assert saved and 0 < int(saved.group(2)) < SAMPLES, stopped[-3000:]
+    epoch, sample = int(saved.group(1)), saved.group(2)
 
     resumed = project.make("up", "NODES=2", f"ARGS={ARGS} {folders}").stdout
     assert "world size 2" in resumed
-    assert f"epoch 1 done, {saved.group(1)} samples into the next" in resumed
+    assert f"epoch {epoch - 1} done, {sample} samples into the next" in resumed
     report = project.make("samples-report", "SAMPLES_DIR=logs/elastic/samples").stdout
     assert report.splitlines() == [
-        f"epoch {e}: 6000 trained, 0 missing, 0 repeated" for e in (1, 2, 3)
+        f"epoch {e}: {SAMPLES} trained, 0 missing, 0 repeated" for e in (1, 2, 3)
     ], report

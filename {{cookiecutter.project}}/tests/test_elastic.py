@@ -12,7 +12,9 @@ from pathlib import Path
 from {{ cookiecutter.package }} import samples
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = ["--epochs=3", "--samples=3000", "--batch-size=16", "--record-samples"]
+# Small batches, so that an epoch takes seconds: a stop sent early in one lands inside it.
+SAMPLES, BATCH = 4000, 8
+JOB = ["--epochs=3", f"--samples={SAMPLES}", f"--batch-size={BATCH}", "--record-samples"]
 
 
 def torchrun(tmp_path, processes, *extra):
@@ -47,7 +49,7 @@ def stop_in_epoch(job, tmp_path, epoch):
     wait_for_records(job, tmp_path, epoch)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
-    saved = re.search(r"stop requested: saved \S+ at epoch (\d+), sample (\d+) of 3000", out)
+    saved = re.search(rf"stop requested: saved \S+ at epoch (\d+), sample (\d+) of {SAMPLES}", out)
     assert saved and saved.group(1) == str(epoch) and int(saved.group(2)) > 0, out
     return out
 
@@ -68,9 +70,9 @@ def test_three_ranks_stopped_mid_epoch_resume_as_two_and_train_each_sample_once(
     out = finish(torchrun(tmp_path, 2))
     assert "world size 2" in out and re.search(r"epoch 1 done, \d+ samples into the next", out)
     assert samples.count(tmp_path / "log" / "samples") == [
-        (1, 3000, 0, 0),
-        (2, 3000, 0, 0),
-        (3, 3000, 0, 0),
+        (1, SAMPLES, 0, 0),
+        (2, SAMPLES, 0, 0),
+        (3, SAMPLES, 0, 0),
     ]
 
 
@@ -83,22 +85,22 @@ def test_stops_at_the_same_world_size_end_with_the_uninterrupted_weights(tmp_pat
     resumed = finish(torchrun(tmp_path / "stopped", 2))
     assert fingerprint(resumed) == fingerprint(whole)
     assert [row[1:] for row in samples.count(tmp_path / "stopped" / "log" / "samples")] == [
-        (3000, 0, 0)
+        (SAMPLES, 0, 0)
     ] * 3
 
 
 def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     (tmp_path / "data").mkdir()
-    every, batch, ranks = 5, 16, 2
+    every, ranks = 5, 2
     job = torchrun(tmp_path, ranks, f"--save-every-steps={every}")
     wait_for_records(job, tmp_path, epoch=2, lines=1000)
     os.killpg(job.pid, signal.SIGKILL)  # the agent and its ranks: no stop, no save
     job.communicate(timeout=60)
     finish(torchrun(tmp_path, ranks, f"--save-every-steps={every}"))
     counted = samples.count(tmp_path / "log" / "samples")
-    assert [row[:3] for row in counted] == [(e, 3000, 0) for e in (1, 2, 3)]  # none missing
+    assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
     assert counted[0][3] == counted[2][3] == 0
-    assert 0 <= counted[1][3] <= every * batch * ranks, counted  # repeated: at most 5 steps
+    assert 0 <= counted[1][3] <= every * BATCH * ranks, counted  # repeated: at most 5 steps
 
 
 def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):
