@@ -109,8 +109,9 @@ class Project:
         self.env_image = env_image
 
     def make(self, *args, check=True, timeout=600):
+        # Under `make test` a make run by a test would add "Entering directory" lines.
         return sh(
-            ["make", *args, f"ENV_IMAGE={self.env_image}"],
+            ["make", "--no-print-directory", *args, f"ENV_IMAGE={self.env_image}"],
             cwd=self.root,
             check=check,
             timeout=timeout,
