@@ -1,4 +1,5 @@
-"""`make bench`: start-up, overhead, scaling, collectives and rebuild, measured in one run.
+"""`make bench`: start-up, overhead, scaling, collectives, rebuild and elastic events, measured
+in one run.
 
 Renders the default project (Python 3.11) into build/bench, builds it on the stand-in env image
 (the conda env stage is the one part replaced, as in the tests), and writes bench/results.json,
@@ -13,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -257,6 +259,63 @@ CKPT = " --checkpoint-dir /checkpoints/bench"
 BENCH_DIRS = f" --checkpoint-dir {WORK}/bench-ckpt --log-dir {WORK}/bench-logs"
 
 
+def bench_elastic(results):
+    """Seconds from a worker's `docker stop`, a `make scale NODES=3` and a `make scale NODES=2`
+    to rank 0 resuming at the new world size, in one 3-node `make up` each run."""
+    seconds = {"leave": [], "scale_up": [], "scale_down": []}
+    args = "--epochs 8 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
+    for _ in range(REPEAT):
+        shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
+        up = Lines(["make", "up", "NODES=3", f"ARGS={args}"])
+        up.wait_for(r"epoch 1/8")
+        for key, command, size in (
+            ("leave", ["docker", "stop", "ddp-bench-worker-2"], 2),
+            ("scale_up", ["make", "scale", "NODES=3"], 3),
+            ("scale_down", ["make", "scale", "NODES=2"], 2),
+        ):
+            asked = time.monotonic()
+            run(command)
+            up.wait_for(rf"world size {size}\b")
+            seconds[key].append(up.wait_for(r"resumed from") - asked)  # the next step trains
+        if up.finish() != 0:
+            sys.exit(f"bench: make up failed:\n{''.join(line for _, line in up.lines)[-3000:]}")
+    results["elastic_s"] = {key: spread(values) for key, values in seconds.items()}
+
+
+class Lines:
+    """A command in the background; wait_for(pattern) returns when a new line matches it."""
+
+    def __init__(self, args):
+        env = {**os.environ, "ENV_IMAGE": ENV_IMAGE}
+        self.process = subprocess.Popen(
+            args, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines, self.read = [], 0
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def wait_for(self, pattern, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while self.read < len(self.lines):
+                when, line = self.lines[self.read]
+                self.read += 1
+                if re.search(pattern, line):
+                    return when
+            time.sleep(0.05)
+        text = "".join(line for _, line in self.lines)
+        sys.exit(f"bench: never saw {pattern!r}:\n{text[-3000:]}")
+
+    def finish(self):
+        status = self.process.wait(timeout=900)
+        self.reader.join()
+        return status
+
+
 def setup():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -294,7 +353,14 @@ def machine():
 def main():
     setup()
     results = {"machine": machine(), "repeat": REPEAT, "startup_s": {}, "scaling": {}}
-    steps = (bench_startup, bench_overhead, bench_scaling, bench_collectives, bench_rebuild)
+    steps = (
+        bench_startup,
+        bench_overhead,
+        bench_scaling,
+        bench_collectives,
+        bench_rebuild,
+        bench_elastic,
+    )
     # BENCH_ONLY=startup,overhead re-measures those and keeps the other recorded figures.
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
     if only and RESULTS.exists():

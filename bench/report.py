@@ -68,6 +68,14 @@ def write_report(r, folder):
         f"| cold build of the runtime stage (s) | {_fmt(b['cold_runtime_stage'])} | |",
         f"| size the runtime stage adds (MB) | {r['runtime_stage_adds_mb']:.1f} | |",
     ]
+    elastic = r.get("elastic_s", {})
+    for name, label, target in (
+        ("leave", "a worker's `docker stop` to training again on 2 nodes (3-node job)", "< 10"),
+        ("scale_up", "`make scale NODES=3` to training on 3 nodes (from 2)", ""),
+        ("scale_down", "`make scale NODES=2` to training on 2 nodes (from 3)", ""),
+    ):
+        if name in elastic:
+            rows.append(f"| {label} (s) | {_fmt(elastic[name])} | {target} |")
     soak = r.get("soak", {})
     for name, label in (("host", "2-process host job"), ("up", "2-node `make up`")):
         if name in soak:

@@ -318,6 +318,7 @@ OTHER_VALUES = {
     "REJOIN_TIMEOUT": "11",
     "START_METHOD": "thread",
     "MIN_NODES": "2",
+    "MAX_NODES": "6",
     "MAX_RESTARTS": "7",
     "RESTART_POLICY": "no",
     "DDP_BACKEND": "mpi",

@@ -1,16 +1,34 @@
-"""A job stopped mid-epoch on 3 nodes and resumed on 2 trains every sample exactly once.
+"""Nodes that stop, leave, join and fail train every sample exactly once (at least once where
+one was killed), in containers.
 
 Replaced here: the conda env stage only (the runtime stage is built on the stand-in env image,
 see scripts/standin-image.sh).
 """
 
 import re
+import time
 
-from helpers import wait_until
+from helpers import record, sh, wait_until
 
 # Epochs of several seconds: the stop, sent once epoch 2 has begun, lands inside it.
 SAMPLES = 20000
 ARGS = f"--epochs 3 --samples {SAMPLES} --batch-size 32 --record-samples"
+
+
+def wait_for_records(records, epoch):
+    """Until the ranks have recorded samples of `epoch` (1-based): a point inside it."""
+    wait_until(
+        lambda: any(f.stat().st_size for f in (records / f"epoch{epoch:04d}").glob("*.ids")),
+        120,
+        f"epoch {epoch} starting",
+    )
+
+
+def exactly_once(project, records, epochs=3):
+    report = project.make("samples-report", f"SAMPLES_DIR={records}").stdout
+    assert report.splitlines() == [
+        f"epoch {e}: {SAMPLES} trained, 0 missing, 0 repeated" for e in range(1, epochs + 1)
+    ], report
 
 
 def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
@@ -18,12 +36,7 @@ def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
     records = project.root / "logs" / "elastic" / "samples"
     job = project.start_up("NODES=3", f"ARGS={ARGS} {folders}")
     job.read_until(r"epoch 1/3")
-    # Mid-epoch 2: its records have begun.
-    wait_until(
-        lambda: any(f.stat().st_size for f in (records / "epoch0002").glob("*.ids")),
-        120,
-        "epoch 2 starting",
-    )
+    wait_for_records(records, epoch=2)
     project.make("down")
     stopped = job.finish()
     # From rank 0's own log: Compose may stop streaming a container's output before its last
@@ -38,7 +51,54 @@ def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
     resumed = project.make("up", "NODES=2", f"ARGS={ARGS} {folders}").stdout
     assert "world size 2" in resumed
     assert f"epoch {epoch - 1} done, {sample} samples into the next" in resumed
-    report = project.make("samples-report", "SAMPLES_DIR=logs/elastic/samples").stdout
-    assert report.splitlines() == [
-        f"epoch {e}: {SAMPLES} trained, 0 missing, 0 repeated" for e in (1, 2, 3)
-    ], report
+    exactly_once(project, "logs/elastic/samples")
+
+
+def test_a_stopped_worker_leaves_and_the_job_goes_on_with_each_sample_once(project):
+    folders = "--checkpoint-dir /checkpoints/leave --log-dir /logs/leave"
+    job = project.start_up("NODES=3", f"ARGS={ARGS} {folders}")
+    wait_for_records(project.root / "logs" / "leave" / "samples", epoch=2)
+    stopped = time.monotonic()
+    sh(["docker", "stop", f"{project.name}-worker-2"])
+    reformed = job.read_until(r"world size 2") - stopped
+    out = job.finish()
+    assert job.returncode == 0, out[-3000:]
+    assert "left the rendezvous" in out
+    assert f"{project.name}-worker-2 was stopped (SIGTERM: status 143)" in out
+    exactly_once(project, "logs/leave/samples")
+    record(worker_stopped_to_reformed_s=round(reformed, 1))
+    # It took 31 s before the leave (10 s of heartbeats, a 20 s last call); make bench
+    # measures it (about 5 s here).
+    assert reformed < 20, out[-3000:]
+
+
+def test_scaled_up_and_down_while_running_each_sample_once(project):
+    folders = "--checkpoint-dir /checkpoints/scale --log-dir /logs/scale"
+    records = project.root / "logs" / "scale" / "samples"
+    job = project.start_up("NODES=2", f"ARGS={ARGS} --epochs 5 {folders}")
+    wait_for_records(records, epoch=2)
+    seconds = {}
+    for nodes in (3, 2):
+        asked = time.monotonic()
+        project.make("scale", f"NODES={nodes}")
+        seconds[nodes] = job.read_until(rf"world size {nodes}\b") - asked
+    out = job.finish()
+    assert job.returncode == 0, out[-3000:]
+    exactly_once(project, "logs/scale/samples", epochs=5)
+    record(scale_2_to_3_s=round(seconds[3], 1), scale_3_to_2_s=round(seconds[2], 1))
+
+
+def test_chaos_ends_with_the_job_done_and_every_sample_trained(project):
+    """The short version of `make chaos` (4 minutes by default)."""
+    out = project.make("chaos", "NODES=3", "CHAOS_SECONDS=45", "CHAOS_SEED=1").stdout
+    summary = re.search(
+        r"chaos: seed 1, \d+ events \((\d+) stops, (\d+) kills, (\d+) scales\), make up exited 0;"
+        r" \d+ epochs of \d+ samples: 0 missing, (\d+) repeated \(at most (\d+) a kill\);"
+        r" the last checkpoint loads: yes",
+        out,
+    )
+    assert summary, out[-4000:]
+    stops, kills, scales, repeated, bound = map(int, summary.groups())
+    assert stops >= 1 and kills >= 1 and scales >= 1, summary.group(0)
+    assert repeated <= kills * bound
+    record(chaos_45s=summary.group(0))

@@ -22,6 +22,7 @@ DEFAULTS = {
     "RDZV_PORT": "29400",
     "NNODES": "1",
     "MIN_NODES": "1",
+    "MAX_NODES": "",  # empty: NNODES
     "NPROC_PER_NODE": "1",
     "MAX_RESTARTS": "3",
     "RUN_ID": "ddp",
@@ -29,7 +30,7 @@ DEFAULTS = {
     "WAIT_TIMEOUT": "60",
     "REJOIN_TIMEOUT": "10",
     "JOIN_TIMEOUT": "120",
-    "LAST_CALL_TIMEOUT": "20",
+    "LAST_CALL_TIMEOUT": "2",
     "RDZV_TIMEOUT": "30",
     "NODE_MARKER": "",  # the image sets one: a file that outlives a container restart
     "LOG_DIR": "",
@@ -37,6 +38,9 @@ DEFAULTS = {
     "DDP_BACKEND": "",
 }
 USAGE_ERROR = 2  # argparse's status, and train_dist.py's for data and folder errors
+# train_dist.py's status on the ranks that stopped because a peer was asked to leave: the job
+# re-forms without it, and that is no failure (README, "Elastic").
+PEER_STOPPED = 75
 # Where an engine numbers its nodes: Kubernetes' Indexed Job, Slurm's task id.
 NODE_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_PROCID")
 
@@ -65,7 +69,7 @@ def main():
 
     if worker and not restarted and not wait_for_master(int(setting("WAIT_TIMEOUT"))):
         return 1
-    return run_torchrun(role, torchrun_arguments(role, script))
+    return run_torchrun(role, torchrun_arguments(role, script, restarted))
 
 
 def node_role():
@@ -162,7 +166,15 @@ def local_address(role):
     return setting("MASTER_ADDR") if role == "master" else f"~worker-{socket.gethostname()}"
 
 
-def torchrun_arguments(role, script):
+def max_nodes():
+    return int(setting("MAX_NODES") or setting("NNODES"))
+
+
+def torchrun_arguments(role, script, restarted):
+    # The first round waits for all NNODES, later ones re-form with MIN_NODES to MAX_NODES
+    # (run_torchrun widens them); a restarted node joins a running job of any size (README,
+    # "Elastic").
+    nodes = f"{setting('NNODES')}:{max_nodes() if restarted else setting('NNODES')}"
     rdzv_conf = (
         f"is_host={int(role == 'master')},join_timeout={setting('JOIN_TIMEOUT')},"
         f"last_call_timeout={setting('LAST_CALL_TIMEOUT')},read_timeout={setting('RDZV_TIMEOUT')},"
@@ -170,7 +182,7 @@ def torchrun_arguments(role, script):
     )
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
     return [
-        f"--nnodes={setting('MIN_NODES')}:{setting('NNODES')}",
+        f"--nnodes={nodes}",
         f"--nproc-per-node={setting('NPROC_PER_NODE')}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={setting('MASTER_ADDR')}:{setting('RDZV_PORT')}",
@@ -186,27 +198,47 @@ def torchrun_arguments(role, script):
 
 
 def run_torchrun(role, arguments):
-    """torchrun's main() with three changes (README, "Exit codes"); returns the node's status."""
+    """torchrun's main() with the changes README's "Exit codes" and "Elastic" list; returns the
+    node's status."""
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
     from torch.distributed.run import main
 
-    # Private methods of torch's agent (torch is pinned); tests/test_launch.py checks them.
+    # Private methods of torch's agent and rendezvous (torch is pinned); tests/test_launch.py
+    # checks that they exist.
     monitor = LocalElasticAgent._monitor_workers
+    next_rendezvous = DynamicRendezvousHandler.next_rendezvous
+    joined = []
 
-    def monitor_without_retrying_usage_errors(agent, worker_group):
+    def monitor_with_exit_codes(agent, worker_group):
         result = monitor(agent, worker_group)
-        if result.is_failed() and any(f.exitcode == USAGE_ERROR for f in result.failures.values()):
+        codes = {f.exitcode for f in result.failures.values()} if result.is_failed() else set()
+        if USAGE_ERROR in codes:
             agent._remaining_restarts = 0
+        elif codes == {PEER_STOPPED}:
+            # A membership change, which torch does not count either when a node joins.
+            agent._remaining_restarts += 1
+            print(
+                "torchrun: a node left or joins: the job re-forms, no restart counted", flush=True
+            )
         return result
+
+    def widen_after_first_round(handler):
+        info = next_rendezvous(handler)
+        settings = handler._settings  # frozen, and shared with the handler's state machine
+        object.__setattr__(settings, "min_nodes", min(int(setting("MIN_NODES")), max_nodes()))
+        object.__setattr__(settings, "max_nodes", max_nodes())
+        joined[:] = [handler]
+        return info
 
     def leave_without_closing(handler):
         handler._stop_heartbeats()
         return True
 
-    LocalElasticAgent._monitor_workers = monitor_without_retrying_usage_errors
+    LocalElasticAgent._monitor_workers = monitor_with_exit_codes
+    DynamicRendezvousHandler.next_rendezvous = widen_after_first_round
     if role == "worker":
         DynamicRendezvousHandler.shutdown = leave_without_closing
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(WithoutTraceback())
@@ -221,18 +253,40 @@ def run_torchrun(role, arguments):
         print(f"torchrun: rank {rank} exited with status {code} ({reason})", flush=True)
         return status
     except SignalException as error:
-        # Stopped (docker stop, make down, an eviction): the ranks saved where they stopped.
+        # Stopped (docker stop, make down, make scale, an eviction): the ranks saved where they
+        # stopped. A worker leaves the rendezvous so that the others re-form at once.
+        if role == "worker" and joined:
+            leave(joined[0])
         print(f"torchrun: stopped by {error.sigval.name}", flush=True)
         return 128 + error.sigval
 
 
+def leave(handler):
+    """Take this node out of the rendezvous' participants, as a node does before it joins a new
+    round: the others then re-form without waiting for its heartbeats to time out."""
+    from datetime import timedelta
+
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _RendezvousExitOp
+
+    handler._stop_heartbeats()
+    try:
+        with handler._heartbeat_lock:
+            deadline = handler._get_deadline(timedelta(seconds=int(setting("RDZV_TIMEOUT"))))
+            handler._op_executor.run(_RendezvousExitOp(), deadline)
+        print("left the rendezvous", flush=True)
+    except Exception as failure:  # the master may be gone already: its heartbeats time out
+        name = type(failure).__name__
+        print(f"could not leave the rendezvous ({name}): the others drop it later", flush=True)
+
+
 class WithoutTraceback(logging.Filter):
     """torchrun logs a failed process with its own traceback, which says nothing about the
-    script; the line naming the process and its exit code stays."""
+    script; the line naming the process and its exit code stays, but for PEER_STOPPED."""
 
     def filter(self, record):
         record.exc_info = record.exc_text = None
-        return True
+        # Not a failure: run_torchrun says what it is.
+        return f"(exitcode: {PEER_STOPPED})" not in record.getMessage()
 
 
 def setting(name):

@@ -1,5 +1,5 @@
-"""Stops and world-size changes train every sample of every epoch exactly once, and a job
-stopped and resumed at the same world size ends with the uninterrupted run's weights."""
+"""Stops, leaves, joins and world-size changes train every sample of every epoch exactly once, and
+a job stopped and resumed at the same world size ends with the uninterrupted run's weights."""
 
 import os
 import re
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nodes import Node, free_port
 
 from {{ cookiecutter.package }} import samples
 
@@ -101,6 +103,59 @@ def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
     assert counted[0][3] == counted[2][3] == 0
     assert 0 <= counted[1][3] <= every * BATCH * ranks, counted  # repeated: at most 5 steps
+
+
+def start_nodes(tmp_path, roles, **env):
+    """Nodes of one job on this machine, each started by docker/launch.py as in a container."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
+    common = {
+        "SCRIPT": "train_dist.py",
+        "ARGS": " ".join(JOB) + " " + folders,
+        "MASTER_ADDR": "127.0.0.1",
+        "RDZV_PORT": str(free_port()),
+        "NPROC_PER_NODE": "1",
+        "START_METHOD": "fork",
+        "OMP_NUM_THREADS": "1",
+        "RUN_ID": f"elastic-{os.getpid()}",
+        **env,
+    }
+    return [Node(NODE_ROLE=role, LOCAL_ADDR=address(role, i), **common) for i, role in roles]
+
+
+def address(role, index):
+    # As in containers: the master announces MASTER_ADDR, workers a name that sorts after it.
+    return "127.0.0.1" if role == "master" else f"~worker-{index}"
+
+
+def test_a_worker_stopped_mid_epoch_leaves_and_the_rest_go_on_with_each_sample_once(tmp_path):
+    master, staying, leaving = start_nodes(
+        tmp_path, enumerate(["master", "worker", "worker"]), NNODES="3"
+    )
+    wait_for_records(master.process, tmp_path, epoch=2)
+    stopped = time.monotonic()
+    leaving.process.send_signal(signal.SIGTERM)
+    reformed = master.wait_for(r"world size 2") - stopped
+    assert leaving.finish() == 143, leaving.output  # stopped, not failed
+    assert "left the rendezvous" in leaving.output
+    for node in (master, staying):
+        assert node.finish() == 0, node.output
+        # The others' ranks stopped with it: a membership change, not a failure.
+        assert "the job re-forms, no restart counted" in node.output
+    # Without the leave, the others waited for its heartbeats to time out (10 s) and then for
+    # a last call (20 s). Typical here: 4 s (make bench measures it in containers).
+    assert reformed < 20, master.output
+    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+
+
+def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_once(tmp_path):
+    first = start_nodes(tmp_path, enumerate(["master", "worker"]), NNODES="2", MAX_NODES="3")
+    wait_for_records(first[0].process, tmp_path, epoch=2)
+    joining = Node(**{**first[1].environment, "LOCAL_ADDR": "~worker-2", "NNODES": "3"})
+    first[0].wait_for(r"world size 3")
+    for node in (*first, joining):
+        assert node.finish() == 0, node.output
+    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """docker/launch.py as a node runs it, here on one machine: the node's role, how torchrun starts
 the script, a worker's wait for the master, restarts and exit codes."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -8,10 +9,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import nodes
 import pytest
+from nodes import UNSET, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """\
@@ -22,33 +24,12 @@ seen = {"torch_loaded": "torch" in sys.modules, "name": __name__, "path0": sys.p
 # and the newline apart, and two ranks' lines could interleave.
 sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
 """
-# What the shell running the tests may hold (inside a node's container, say).
-UNSET = {
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOG_DIR",
-    "DDP_BACKEND",
-    "START_METHOD",
-    "NODE_ROLE",
-    "NODE_MARKER",
-    "JOB_COMPLETION_INDEX",
-    "SLURM_PROCID",
-}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(tmp_path, **env):
-    """docker/launch.py as one node, in the background (stdout and stderr merged)."""
+    """docker/launch.py as one node running the probe, in the background."""
     (tmp_path / "probe.py").write_text(PROBE)
-    inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env = {
-        **inherited,
+    defaults = {
         "SCRIPT": str(tmp_path / "probe.py"),
         "ARGS": "--flag value",
         "NODE_ROLE": "master",
@@ -58,16 +39,8 @@ def start(tmp_path, **env):
         "NPROC_PER_NODE": "2",
         "MAX_RESTARTS": "0",
         "RUN_ID": f"test-{os.getpid()}",
-        **env,
     }
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "docker" / "launch.py")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return nodes.start(**{**defaults, **env})
 
 
 def launch(tmp_path, **env):
@@ -270,3 +243,17 @@ def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
     assert node.returncode == 143, out
     assert "stop requested: saved" in out and "torchrun: stopped by SIGTERM" in out
     assert "Traceback" not in out
+
+
+def test_the_private_torch_names_the_launcher_relies_on_exist():
+    """torch is pinned; a new pin must keep these or the launcher must change with it."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    assert callable(LocalElasticAgent._monitor_workers)
+    for name in ("next_rendezvous", "shutdown", "_stop_heartbeats", "_get_deadline"):
+        assert callable(getattr(rdzv.DynamicRendezvousHandler, name)), name
+    assert {"min_nodes", "max_nodes"} <= {
+        f.name for f in dataclasses.fields(rdzv.RendezvousSettings)
+    }
+    assert callable(rdzv._RendezvousExitOp)

@@ -18,6 +18,9 @@ import torch.distributed._shard  # noqa: F401
 from {{ cookiecutter.package }}.data import DataError
 
 log = logging.getLogger(__name__)
+# The status of the ranks that stopped because another rank was asked to (docker/launch.py knows
+# it too): torchrun re-forms the job without the node that left, and counts no failure.
+PEER_STOPPED = 75
 
 
 def init(backend, timeout_s):
@@ -114,9 +117,9 @@ class GracefulStop:
         return any_rank(self.signal is not None, device)
 
     def exit_status(self):
-        """The signal's status on the rank that got it; 1 on the others, so that torchrun
-        restarts them into a job without the stopped node."""
-        return 128 + self.signal if self.signal else 1
+        """The signal's status on the rank that got it; PEER_STOPPED on the others, so that
+        torchrun restarts them into a job without the stopped node."""
+        return 128 + self.signal if self.signal else PEER_STOPPED
 
 
 def fingerprint(model):

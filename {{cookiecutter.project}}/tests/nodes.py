@@ -1,0 +1,80 @@
+"""docker/launch.py as the nodes of a job on this machine (127.0.0.1), for the tests."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the shell running the tests may hold (inside a node's container, say).
+UNSET = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOG_DIR",
+    "DDP_BACKEND",
+    "START_METHOD",
+    "NODE_ROLE",
+    "NODE_MARKER",
+    "JOB_COMPLETION_INDEX",
+    "SLURM_PROCID",
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(**env):
+    """docker/launch.py as one node, in the background (stdout and stderr merged)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "docker" / "launch.py")],
+        cwd=ROOT,
+        env={**inherited, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+class Node:
+    """One node whose output is read as it comes, each line with the time it came."""
+
+    def __init__(self, **env):
+        self.environment = env  # what it was started with: a node to join it starts with the same
+        self.process = start(**env)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def wait_for(self, pattern, timeout=120):
+        """The time of the first line that matches `pattern`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for when, line in list(self.lines):
+                if re.search(pattern, line):
+                    return when
+            assert self.process.poll() is None or self._reader.is_alive(), self.output
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {pattern!r}:\n{self.output[-3000:]}")
+
+    def finish(self, timeout=300):
+        """The exit status, once the node has ended."""
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.process.returncode
+
+    @property
+    def output(self):
+        return "".join(line for _, line in self.lines)

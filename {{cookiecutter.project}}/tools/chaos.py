@@ -1,0 +1,165 @@
+"""`make chaos`: random graceful stops, kills and scale events on the workers of a `make up`, for
+a bounded time and from a seed; then the job must finish, train every sample at least once (and
+exactly once in the epochs no kill touched), and its last checkpoint must load.
+
+Runs on the host with the Python standard library only: it drives make and docker.
+usage: python tools/chaos.py [--seconds 240] [--seed 0] [--nodes 3]
+"""
+
+import argparse
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, SAVE_EVERY = 32, 20  # a kill repeats at most SAVE_EVERY steps
+REPORT_LINE = re.compile(r"epoch (\d+): (\d+) trained, (\d+) missing, (\d+) repeated")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, default=240, help="how long events are sent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nodes", type=int, default=3, help="nodes at the start; scale goes 1 to +1")
+    p.add_argument("--epochs", type=int, default=4)
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    # About the window's length on a 1-CPU-per-node machine, events included.
+    samples = max(4000, args.seconds * 1500 // args.epochs)
+    job = (
+        f"--epochs {args.epochs} --samples {samples} --batch-size {BATCH} --record-samples"
+        f" --save-every-steps {SAVE_EVERY} --checkpoint-dir /checkpoints/chaos"
+        " --log-dir /logs/chaos"
+    )
+    for folder in ("checkpoints/chaos", "logs/chaos"):
+        shutil.rmtree(ROOT / folder, ignore_errors=True)
+    up = ["make", "--no-print-directory", "up", f"NODES={args.nodes}", f"ARGS={job}"]
+    started = time.monotonic()
+    # Kills count as failures: enough restarts for all of them.
+    running = Background([*up, "MAX_RESTARTS=100"])
+    running.wait_for(r"world size \d+")
+    events, kills = chaos(rng, args, running, started)
+    make("scale", f"NODES={args.nodes}", check=False)  # back to the start's size, if still running
+    status = running.finish()
+    print(f"chaos: make up exited {status} after {time.monotonic() - started:.0f}s", flush=True)
+    return check(status, events, kills, args, up, samples)
+
+
+def chaos(rng, args, running, started):
+    """Events until the window ends or the job does: each kind once first, in a seeded order."""
+    kinds = rng.sample(["stop", "kill", "scale"], 3)
+    events, kills = [], []
+    while time.monotonic() - started < args.seconds and running.alive():
+        time.sleep(rng.uniform(6, 12))
+        kind = kinds.pop(0) if kinds else rng.choice(["stop", "kill", "scale", "scale"])
+        workers = sorted(compose("ps", "--status", "running", "--quiet", "worker"))
+        if kind != "scale" and not workers:
+            kind = "scale"
+        if not running.alive():
+            break
+        if kind == "scale":
+            target = rng.randint(1, args.nodes + 1)
+            what = f"scale to {target} nodes"
+            scaled = make("scale", f"NODES={target}", check=False)
+            if scaled.returncode:
+                what += f" failed: {scaled.stderr.strip()}"
+        else:
+            worker = rng.choice(workers)
+            subprocess.run(["docker", "stop" if kind == "stop" else "kill", worker], check=False)
+            what = f"{kind} {worker}"
+            if kind == "kill":
+                kills.append(current_epoch())
+        events.append(kind)
+        print(f"chaos: {time.monotonic() - started:.0f}s {what}", flush=True)
+    return events, kills
+
+
+def check(status, events, kills, args, up, samples):
+    """The job's status, the samples report and a resume from the last checkpoint."""
+    report = make("samples-report", "SAMPLES_DIR=logs/chaos/samples", check=False).stdout
+    rows = [tuple(map(int, row)) for row in REPORT_LINE.findall(report)]
+    bound = SAVE_EVERY * BATCH * (args.nodes + 1)  # the most samples one kill can repeat
+    # A kill repeats the steps since the last save: of its epoch, or of the next one if it came
+    # before the first step of that. Graceful events repeat nothing.
+    bad = [
+        (epoch, missing, repeated)
+        for epoch, _, missing, repeated in rows
+        if missing or repeated > bound * (kills.count(epoch) + kills.count(epoch - 1))
+    ]
+    resumed = subprocess.run([*up, "MAX_RESTARTS=0"], cwd=ROOT, capture_output=True, text=True)
+    loads = resumed.returncode == 0 and f"epoch {args.epochs} done" in resumed.stdout
+    counts = ", ".join(f"{events.count(kind)} {kind}s" for kind in ("stop", "kill", "scale"))
+    print(
+        f"chaos: seed {args.seed}, {len(events)} events ({counts}), make up exited {status};"
+        f" {len(rows)} epochs of {samples} samples: {sum(r[2] for r in rows)} missing,"
+        f" {sum(r[3] for r in rows)} repeated (at most {bound} a kill);"
+        f" the last checkpoint loads: {'yes' if loads else 'NO'}",
+        flush=True,
+    )
+    if status == 0 and len(rows) == args.epochs and not bad and loads:
+        return 0
+    print(f"chaos: FAILED {bad}\n{report}{resumed.stdout[-2000:]}", file=sys.stderr)
+    return 1
+
+
+def current_epoch():
+    """The newest epoch with sample records (1-based)."""
+    epochs = sorted((ROOT / "logs" / "chaos" / "samples").glob("epoch*"))
+    return int(epochs[-1].name.removeprefix("epoch")) if epochs else 1
+
+
+def make(*args, check=True):
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        check=check,
+        capture_output=True,
+        text=True,
+    )
+
+
+def compose(*args):
+    out = subprocess.run(["docker", "compose", *args], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+class Background:
+    """`make up` in the background; its output is printed as it comes."""
+
+    def __init__(self, command):
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.seen = threading.Event()
+        self.pattern = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            sys.stdout.write(line)
+            if self.pattern and re.search(self.pattern, line):
+                self.seen.set()
+
+    def wait_for(self, pattern):
+        self.pattern = pattern
+        while not self.seen.wait(1):
+            if not self.alive():
+                sys.exit(f"chaos: make up ended before {pattern!r}")
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def finish(self):
+        status = self.process.wait()
+        self.reader.join()
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
