@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import checkpoint, distributed
 from {{ cookiecutter.package }}.data import DataError, build_dataset, writable_dir
-from {{ cookiecutter.package }}.logs import log_gpu_memory, progress_bar, setup_logging
+from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
 from {{ cookiecutter.package }}.metrics import EpochTotals, MetricsLog
 from {{ cookiecutter.package }}.model import SmallCNN
 from {{ cookiecutter.package }}.samples import SampleLog
@@ -66,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["gloo", "nccl"], default=distributed.default_backend())
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
     p.add_argument(
+        "--progress-every",
+        type=float,
+        default=30,
+        help="without a terminal, log progress every N seconds (0: never; default 30)",
+    )
+    p.add_argument(
         "--record-samples",
         action="store_true",
         help="record the ids each rank trains under LOG_DIR/samples (make samples-report)",
@@ -88,7 +94,7 @@ def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log, saver):
     model.train()
     totals = EpochTotals(device)
     steps = 0
-    for images, labels, ids in progress_bar(loader, "train"):
+    for images, labels, ids in loader:
         if stop.agreed(device):
             return totals, steps, True
         images, labels, real = images.to(device), labels.to(device), (ids != PAD).to(device)
@@ -162,8 +168,9 @@ def train(args, stop):
             batches.set_epoch(epoch, consumed if epoch == start_epoch else 0)
             sample_log.start(epoch, len(dataset))
             started = time.perf_counter()
+            shown = progress(loader, batches, epoch, args.epochs, args.progress_every)
             totals, steps, stopped = run_epoch(
-                net, loader, optimizer, device, stop, args.bf16, sample_log, saver
+                net, shown, optimizer, device, stop, args.bf16, sample_log, saver
             )
             if stopped:
                 saver.stopped(steps)

@@ -1,5 +1,6 @@
 """Kubernetes, without a cluster: the manifests validate against the published PyTorchJob CRD
-schema (read from ../shared/schemas or $PYTORCHJOB_SCHEMA, never copied here)."""
+schema (read from ../shared/schemas or $PYTORCHJOB_SCHEMA, never copied here), and against
+Kubernetes' own schemas of a named release, strictly (kubernetes-validate, offline)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import yaml
 from helpers import TEMPLATE, render, sh, tool
 
 SCHEMA_NAME = "pytorchjob-kubeflow.org-v1.json"
+KUBERNETES = "1.33"  # the release whose schemas the manifests must pass
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,48 @@ def test_headless_service_names_pod_zero(manifests):
     assert env["MASTER_ADDR"] == f"{name}-0.{name}"
     # The image's own command (docker/launch.py) runs: pod 0 is the master by its index.
     assert "command" not in pod["containers"][0] and "args" not in pod["containers"][0]
+
+
+def strictly(tmp_path, name, *documents):
+    """kubernetes-validate --strict: unknown fields fail too, not only wrong types."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    command = [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES, str(path)]
+    return sh(command, check=False)
+
+
+def test_job_and_service_pass_kubernetes_strict_validation(manifests, tmp_path):
+    _, _, documents = manifests
+    result = strictly(tmp_path, "job", *documents)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for kind in ("job", "service"):
+        assert f"passed for resource {kind}/" in result.stdout + result.stderr
+
+
+def test_pytorchjob_pod_templates_pass_kubernetes_strict_validation(manifests, tmp_path):
+    """The CRD's schema leaves the pod template open; Kubernetes' PodTemplate schema does not."""
+    _, job, _ = manifests
+    for role, spec in job["spec"]["pytorchReplicaSpecs"].items():
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": role.lower()},
+            "template": spec["template"],
+        }
+        result = strictly(tmp_path, role, template)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda pod: pod["containers"][0].update(imagePullPolcy="Always"),  # a misspelt field
+        lambda pod: pod.update(restartPolicy=["Never"]),  # a wrong type
+    ],
+    ids=["unknown-field", "wrong-type"],
+)
+def test_kubernetes_strict_validation_rejects_a_broken_job(manifests, tmp_path, break_it):
+    _, _, documents = manifests
+    broken = json.loads(json.dumps(documents))
+    break_it(next(d for d in broken if d["kind"] == "Job")["spec"]["template"]["spec"])
+    assert strictly(tmp_path, "broken", *broken).returncode != 0

@@ -119,6 +119,21 @@ def test_single_process_trains_checkpoints_and_resumes(tmp_path):
     assert re.findall(r"epoch (\d+)/3", again.stdout) == ["3"]
 
 
+def test_without_a_terminal_rank_0_logs_progress_every_few_seconds(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = _train(tmp_path, "--epochs", "2", "--batch-size", "8", "--progress-every", "0.05")
+    assert result.returncode == 0, result.stderr
+    shown = re.findall(
+        r"epoch (\d)/2 step (\d+)/32, \d+ samples/s, ETA epoch (\d+:\d\d), job (\d+:\d\d)$",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert {epoch for epoch, *_ in shown} == {"1", "2"}, result.stdout
+    steps = [int(step) for epoch, step, *_ in shown if epoch == "1"]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert "it/s" not in result.stdout + result.stderr  # no bar without a terminal
+
+
 def test_missing_data_dir_is_one_line_not_a_traceback(tmp_path):
     result = _train(tmp_path, "--epochs", "1")
     assert result.returncode == 2

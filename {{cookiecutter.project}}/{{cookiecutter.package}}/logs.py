@@ -1,8 +1,10 @@
-"""What a rank prints: log lines that name the node and rank, and a progress bar on a terminal."""
+"""What a rank prints: log lines that name the node and rank, and progress (a bar on a terminal,
+a line every few seconds elsewhere)."""
 
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -25,13 +27,48 @@ def setup_logging(rank, log_dir):
     )
 
 
-def progress_bar(loader, description):
-    """Rank 0's tqdm bar on a terminal; plain log lines (no bar) anywhere else, e.g. containers."""
-    if int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty():
+def progress(loader, batches, epoch, epochs, every):
+    """Rank 0's progress through an epoch: a tqdm bar on a terminal; without one (containers,
+    Slurm, Kubernetes) a log line every `every` seconds (0: none), with samples/s and the time
+    the epoch and the job still need."""
+    if int(os.environ.get("RANK", 0)) != 0:
         return loader
-    from tqdm import tqdm
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(loader, desc=description, leave=False)
+        return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False)
+    return logged_progress(loader, batches, epoch, epochs, every) if every > 0 else loader
+
+
+def logged_progress(loader, batches, epoch, epochs, every):
+    steps = -(-batches.size // batches.per_step)  # of a whole epoch
+    done = batches.consumed // batches.per_step  # before this start (a resume mid-epoch)
+    started = last = time.monotonic()
+    for step, item in enumerate(loader, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            per_second = step / (now - started)
+            epoch_left = (steps - done - step) / per_second
+            job_left = epoch_left + (epochs - epoch - 1) * steps / per_second
+            log.info(
+                "epoch %d/%d step %d/%d, %.0f samples/s, ETA epoch %s, job %s",
+                epoch + 1,
+                epochs,
+                done + step,
+                steps,
+                per_second * batches.per_step,
+                clock(epoch_left),
+                clock(job_left),
+            )
+
+
+def clock(seconds):
+    """1:02:03, or 2:03 under an hour."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def log_gpu_memory(device):
