@@ -9,8 +9,8 @@ ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 
 # Paths that exist in the template only for some answers: (answer, value that keeps them, paths).
 OPTIONAL = (
-    ("gpu", "yes", ["compose.gpu.yaml"]),
-    ("mirror", "tuna", ["docker/condarc", "docker/pip.conf"]),
+    ("__gpu", "yes", ["compose.gpu.yaml"]),
+    ("mirror", "tuna", ["docker/pip.conf"]),
     (
         "cluster_engines",
         "yes",

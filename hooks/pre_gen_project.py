@@ -19,16 +19,9 @@ PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SIZE_RE = re.compile(r"^[0-9]+(\.[0-9]+)?([bkmg]|[kmg]b)?$", re.IGNORECASE)
 VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$")
 
-# (answer, value, answer, value, why): combinations that render but cannot work.
-UNSUPPORTED = (
-    (
-        "conda_distribution",
-        "miniforge",
-        "accept_anaconda_tos",
-        "yes",
-        "Miniforge has no Anaconda channels whose terms could be accepted; answer no",
-    ),
-)
+# No combination of answers is refused: pairs that once could be contradictory (gpu=no with a
+# CUDA flavour, Miniforge with Anaconda's terms) are one question each, and cookiecutter itself
+# refuses an answer that is not one of a question's choices.
 
 
 def _int_at_least(value, low):
@@ -64,21 +57,11 @@ def errors(a):
         if not SIZE_RE.match(a[key]):
             yield f"{key} must be a size such as 512M or 2G, got {a[key]!r}"
     for key in ("uid", "gid"):
-        if not _int_at_least(a[key], 1):
-            yield f"{key} must be a whole number >= 1 got {a[key]!r}"
+        if a[key] != "auto" and not _int_at_least(a[key], 1):
+            yield f"{key} must be auto (the user who builds) or a whole number >= 1, got {a[key]!r}"
     for key in ("torch_version", "torchvision_version"):
         if not VERSION_RE.match(a[key]):
             yield f"{key} must be a version such as 2.14.1, got {a[key]!r}"
-    for key, choices in (
-        ("gpu", ("no", "yes")),
-        ("mirror", ("none", "tuna")),
-        ("cluster_engines", ("yes", "no")),
-    ):
-        if a[key] not in choices:
-            yield f"{key} must be one of {', '.join(choices)}, got {a[key]!r}"
-    for key1, value1, key2, value2, why in UNSUPPORTED:
-        if a[key1] == value1 and a[key2] == value2:
-            yield f"{key1}={value1} with {key2}={value2} is not supported: {why}"
 
 
 def main():

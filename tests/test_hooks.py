@@ -18,12 +18,9 @@ BAD_ANSWERS = [
     ({"cpus_per_node": "-1"}, "cpus_per_node must be a number > 0"),
     ({"memory_per_node": "2X"}, "memory_per_node must be a size such as 512M or 2G, got '2X'"),
     ({"shm_size": "big"}, "shm_size must be a size such as 512M or 2G, got 'big'"),
-    ({"uid": "0"}, "uid must be a whole number >= 1"),
+    ({"uid": "0"}, "uid must be auto (the user who builds) or a whole number >= 1, got '0'"),
     ({"torch_version": "latest"}, "torch_version must be a version such as 2.14.1"),
-    (
-        {"conda_distribution": "miniforge", "accept_anaconda_tos": "yes"},
-        "conda_distribution=miniforge with accept_anaconda_tos=yes is not supported",
-    ),
+    ({"uid": "me"}, "uid must be auto (the user who builds) or a whole number >= 1, got 'me'"),
 ]
 
 

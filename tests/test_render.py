@@ -18,11 +18,11 @@ COMBINATIONS = {
     "py311": {"python_version": "3.11"},
     "py312-4-nodes": {"python_version": "3.12", "nodes": 4},
     "one-node": {"nodes": 1},
-    "gpu": {"gpu": "yes"},
-    "gpu-cu126-tuna": {"gpu": "yes", "cuda": "cu126", "mirror": "tuna"},
-    "tuna": {"mirror": "tuna"},
-    "miniforge": {"conda_distribution": "miniforge"},
-    "miniconda-tos": {"accept_anaconda_tos": "yes"},
+    "gpu": {"gpu": "yes"},  # what scripts written before the CUDA choices pass: cu128
+    "gpu-cu126-no-mirror": {"gpu": "cu126", "mirror": "none"},
+    "no-mirror": {"mirror": "none"},
+    "miniforge": {"conda": "miniforge"},
+    "miniconda-anaconda": {"conda": "miniconda-anaconda"},
     "no-cluster-files": {"cluster_engines": "no"},
     "custom-limits": {
         "cpus_per_node": "0.5",
@@ -33,6 +33,16 @@ COMBINATIONS = {
         "project_name": "My Fancy Trainer",
     },
 }
+
+
+def gpu_on(answers):
+    return answers.get("gpu", "no") != "no"
+
+
+def cuda(answers):
+    """The CUDA flavour of torch's wheels for a gpu answer (yes: the default, cu128)."""
+    return {"no": "cpu", "yes": "cu128"}.get(answers.get("gpu", "no"), answers.get("gpu"))
+
 
 LEFTOVER = re.compile(r"\{\{-?\s*cookiecutter|\{%|cookiecutter\.(?!json)")
 
@@ -125,7 +135,7 @@ def test_compose_config_carries_the_answers(project):
     assert "build" in master and "build" not in worker
     assert config["name"] == root.name
     gpu = [s["deploy"]["resources"].get("reservations") for s in (master, worker)]
-    if answers.get("gpu") == "yes":
+    if gpu_on(answers):
         assert all(r["devices"][0]["driver"] == "nvidia" for r in gpu)
         assert all(r["devices"][0]["capabilities"] == ["gpu"] for r in gpu)
         assert all(r["devices"][0]["count"] == -1 for r in gpu)  # "all"
@@ -163,16 +173,16 @@ def test_github_workflow_is_valid(project):
     assert set(jobs) == {"lint", "host-tests", "docker"}
     steps = " ".join(step.get("run", "") for step in jobs["docker"]["steps"])
     assert "make build" in steps and "make up NODES=2" in steps
-    assert ("DDP_BACKEND=gloo" in steps) == (answers.get("gpu") == "yes")
+    assert ("DDP_BACKEND=gloo" in steps) == gpu_on(answers)
 
 
 def test_env_and_environment_yml(project):
     answers, root = project
     env = env_settings(root)
-    gpu = answers.get("gpu") == "yes"
+    gpu = gpu_on(answers)
     assert env["NODES"] == str(answers.get("nodes", 2))
     assert env["DDP_BACKEND"] == ("nccl" if gpu else "gloo")
-    assert env["APP_UID"] == str(answers.get("uid", 1000))
+    assert env["APP_UID"] == str(answers.get("uid", ""))  # empty: the user who builds
     assert ("COMPOSE_FILE" in env) == gpu
     assert (root / "compose.gpu.yaml").exists() == gpu
 
@@ -180,27 +190,26 @@ def test_env_and_environment_yml(project):
     deps = conda_env["dependencies"]
     assert f"python={answers.get('python_version', '3.10')}" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
-    flavour = answers.get("cuda", "cu128") if gpu else "cpu"
-    assert pip[0].endswith(f"/whl/{flavour}")
+    assert pip[0].endswith(f"/whl/{cuda(answers)}")
     defaults = json.loads((TEMPLATE / "cookiecutter.json").read_text())
     assert f"torch=={defaults['torch_version']}" in pip
     assert f"torchvision=={defaults['torchvision_version']}" in pip
-    tos = answers.get("accept_anaconda_tos") == "yes"
-    assert conda_env["channels"] == (["defaults"] if tos else ["conda-forge", "nodefaults"])
+    anaconda = answers.get("conda") == "miniconda-anaconda"
+    assert conda_env["channels"] == (["defaults"] if anaconda else ["conda-forge", "nodefaults"])
 
 
 def test_dockerfile_follows_the_answers(project):
     answers, root = project
     dockerfile = (root / "Dockerfile").read_text()
-    tuna = answers.get("mirror") == "tuna"
-    assert ("COPY docker/condarc" in dockerfile) == tuna
-    assert (root / "docker" / "condarc").exists() == tuna
+    tuna = answers.get("mirror", "tuna") == "tuna"
+    assert "COPY docker/condarc /opt/conda/.condarc" in dockerfile
+    assert ("COPY docker/pip.conf" in dockerfile) == tuna
     assert (root / "docker" / "pip.conf").exists() == tuna
     if tuna:
-        assert "mirrors.tuna.tsinghua.edu.cn" in (root / "docker" / "condarc").read_text()
         assert "pypi.tuna.tsinghua.edu.cn" in (root / "docker" / "pip.conf").read_text()
-    assert ("conda tos accept" in dockerfile) == (answers.get("accept_anaconda_tos") == "yes")
-    base = "miniforge3" if answers.get("conda_distribution") == "miniforge" else "miniconda3"
+    anaconda = answers.get("conda") == "miniconda-anaconda"
+    assert ("conda tos accept" in dockerfile) == anaconda
+    base = "miniforge3" if answers.get("conda") == "miniforge" else "miniconda3"
     assert re.search(rf"ARG CONDA_IMAGE=\S+/{base}:\S+", dockerfile)
     assert "ARG ENV_IMAGE=env" in dockerfile and "FROM ${ENV_IMAGE} AS runtime" in dockerfile
     assert 'ENTRYPOINT []\nCMD ["python", "/app/docker/launch.py"]' in dockerfile
@@ -360,4 +369,66 @@ def test_the_launcher_defaults_are_the_env_defaults(tmp_path, answers):
         assert defaults[name] == env[name], name
     # The launcher's default works on any node; .env picks fork where there is no GPU.
     assert defaults["START_METHOD"] == "spawn"
-    assert env["START_METHOD"] == ("spawn" if answers.get("gpu") == "yes" else "fork")
+    assert env["START_METHOD"] == ("spawn" if gpu_on(answers) else "fork")
+
+
+ANACONDA_HOSTS = ("repo.anaconda.com", "anaconda/pkgs", "defaults")
+
+
+@pytest.mark.parametrize("mirror", ["tuna", "none"])
+@pytest.mark.parametrize("conda", ["miniconda", "miniforge", "miniconda-anaconda"])
+def test_the_env_stage_uses_only_the_projects_channels(tmp_path, conda, mirror):
+    """conda's terms-of-service plugin checks the channels of the configuration, not of
+    environment.yml: the env stage replaces the base image's .condarc with the project's."""
+    root = render(tmp_path, conda=conda, mirror=mirror)
+    text = (root / "docker" / "condarc").read_text()
+    condarc = yaml.safe_load(text)
+    dockerfile = (root / "Dockerfile").read_text()
+    copy = dockerfile.index("COPY docker/condarc /opt/conda/.condarc")
+    assert copy < dockerfile.index("RUN conda env create")
+    mirrored = [url for value in condarc.values() for url in re.findall(r"https://\S+", str(value))]
+    if mirror == "tuna":
+        assert mirrored and all(
+            url.startswith("https://mirrors.tuna.tsinghua.edu.cn/") for url in mirrored
+        )
+    else:
+        assert not mirrored
+    if conda == "miniconda-anaconda":
+        assert condarc["channels"] == ["defaults"]
+        assert (
+            copy < dockerfile.index("RUN conda tos accept") < dockerfile.index("conda env create")
+        )
+    else:
+        assert condarc["channels"] == ["conda-forge"]
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        assert not any(host in line for line in lines for host in ANACONDA_HOSTS), text
+        assert "conda tos" not in dockerfile
+
+
+def test_the_default_project_uses_tunas_mirrors_for_conda_and_pip(default_project):
+    assert (
+        "https://mirrors.tuna.tsinghua.edu.cn/"
+        in (default_project / "docker" / "condarc").read_text()
+    )
+    pip_conf = (default_project / "docker" / "pip.conf").read_text()
+    assert "index-url = https://pypi.tuna.tsinghua.edu.cn/simple" in pip_conf
+
+
+def test_at_most_16_questions_each_with_a_prompt():
+    spec = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+    questions = [key for key in spec if not key.startswith("_")]
+    assert len(questions) <= 16, questions
+    prompts = spec["__prompts__"]
+    assert sorted(prompts) == sorted(questions)
+    assert all(prompts[key].strip() and prompts[key] != key for key in questions)
+
+
+def test_no_combination_of_the_choices_is_refused(tmp_path):
+    """Each choice question's answers, with every answer of the others that interact."""
+    spec = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+    for gpu in spec["gpu"]:
+        for conda in spec["conda"]:
+            for mirror in spec["mirror"]:
+                out = tmp_path / f"{gpu}-{conda}-{mirror}"
+                root = render(out, gpu=gpu, conda=conda, mirror=mirror)
+                assert (root / "Dockerfile").exists()
