@@ -1,5 +1,5 @@
-"""`make bench`: start-up, overhead, scaling, collectives, rebuild and elastic events, measured
-in one run.
+"""`make bench`: start-up, overhead, scaling, collectives, rebuild, elastic events and the peer
+(TorchX), measured in one run.
 
 Renders the default project (Python 3.11) into build/bench, builds it on the stand-in env image
 (the conda env stage is the one part replaced, as in the tests), and writes bench/results.json,
@@ -316,6 +316,83 @@ class Lines:
         return status
 
 
+TORCHX_ARGS = "--epochs 2 --samples 8192"
+
+
+def bench_torchx(results):
+    """The peer: TorchX's dist.ddp on local_docker runs the same image and script as one
+    container per node (c10d). Interleaved with `make up`, at equal limits (2 nodes x 1 CPU,
+    2 GiB), each way: end-to-end seconds of the command, seconds from the command to rank 0
+    joined (join.py), and training samples/s."""
+    ways = {
+        "make_up": None,
+        "torchx": [],  # as users get it: it sets no thread count
+        "torchx_omp1": ["--env", "OMP_NUM_THREADS=1"],
+    }
+    figures = {way: {"end_to_end_s": [], "joined_s": [], "samples_per_s": []} for way in ways}
+    for _ in range(REPEAT):
+        for way, extra in ways.items():
+            for script, args in (("train_dist.py", TORCHX_ARGS), ("join.py", "")):
+                started = time.time()
+                log = up_job(script, args) if extra is None else torchx_job(script, args, extra)
+                if script == "join.py":
+                    joined = float(re.search(r"joined ([0-9.]+)", log).group(1))
+                    figures[way]["joined_s"].append(joined - started)
+                else:
+                    figures[way]["end_to_end_s"].append(time.time() - started)
+                    figures[way]["samples_per_s"].append(samples_per_s(log))
+    results["torchx"] = {
+        way: {name: spread(values) for name, values in entry.items()}
+        for way, entry in figures.items()
+    }
+    run(["docker", "network", "rm", "torchx"], check=False)  # TorchX's own, made by these runs
+
+
+def up_job(script, args):
+    """`make up` as a user runs it, 2 nodes x 1 CPU, from a fresh checkpoint folder."""
+    shutil.rmtree(PROJECT / "checkpoints" / "torchx", ignore_errors=True)
+    args = f"{args} --checkpoint-dir /checkpoints/torchx" if script == "train_dist.py" else args
+    limits = ["NODES=2", "CPUS=1", "MEMORY=2G"]
+    out = run(["make", "--no-print-directory", "up", *limits, f"SCRIPT={script}", f"ARGS={args}"])
+    compose("down", "--remove-orphans")
+    return out.stdout
+
+
+def torchx_job(script, args, extra):
+    """TorchX's command for the same job; its containers are removed after."""
+    command = [
+        str(TEMPLATE / ".venv" / "bin" / "torchx"),
+        "run",
+        "-s",
+        "local_docker",
+        "--wait",
+        "--log",
+        "--workspace",
+        "",
+        "dist.ddp",
+        "-j",
+        "2x1",
+        "--image",
+        "ddp-bench:latest",
+        "--script",
+        script,
+        "--cpu",
+        "1",
+        "--memMB",
+        "2048",
+        *extra,
+        "--",
+        *args.split(),
+    ]
+    out = run(command)
+    app = re.search(r"local_docker://torchx/(\S+)", out.stdout + out.stderr).group(1)
+    label = f"label=torchx.pytorch.org/app-id={app}"
+    ids = run(["docker", "ps", "-aq", "--filter", label]).stdout.split()
+    if ids:
+        run(["docker", "rm", "--force", *ids])
+    return out.stdout + out.stderr
+
+
 def setup():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -360,6 +437,7 @@ def main():
         bench_collectives,
         bench_rebuild,
         bench_elastic,
+        bench_torchx,
     )
     # BENCH_ONLY=startup,overhead re-measures those and keeps the other recorded figures.
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]

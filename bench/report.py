@@ -76,6 +76,19 @@ def write_report(r, folder):
     ):
         if name in elastic:
             rows.append(f"| {label} (s) | {_fmt(elastic[name])} | {target} |")
+    peer = r.get("torchx", {})
+    for way, label in (
+        ("make_up", "`make up`"),
+        ("torchx", "TorchX `dist.ddp` on local_docker, as shipped"),
+        ("torchx_omp1", "TorchX, `--env OMP_NUM_THREADS=1`"),
+    ):
+        if way in peer:
+            e = peer[way]
+            rows.append(
+                f"| peer, 2 nodes x 1 CPU, 2 epochs of 8192: {label}: end to end (s) / to rank 0 "
+                f"joined (s) / training (samples/s) | {_fmt(e['end_to_end_s'])} / "
+                f"{_fmt(e['joined_s'])} / {_fmt(e['samples_per_s'])} | |"
+            )
     soak = r.get("soak", {})
     for name, label in (("host", "2-process host job"), ("up", "2-node `make up`")):
         if name in soak:

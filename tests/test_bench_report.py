@@ -47,6 +47,19 @@ RESULTS = {
     },
     "rebuild_s": {"cold_runtime_stage": spread(6.0), "code_only": spread(0.8)},
     "runtime_stage_adds_mb": 0.4,
+    "elastic_s": {"leave": spread(5.0), "scale_up": spread(8.0), "scale_down": spread(6.0)},
+    "torchx": {
+        way: {
+            "end_to_end_s": spread(seconds),
+            "joined_s": spread(seconds / 3),
+            "samples_per_s": spread(rate),
+        }
+        for way, seconds, rate in (
+            ("make_up", 10.0, 5300.0),
+            ("torchx", 17.0, 2100.0),
+            ("torchx_omp1", 11.0, 5500.0),
+        )
+    },
 }
 
 
@@ -58,6 +71,9 @@ def test_report_writes_a_table_and_a_plot(tmp_path):
     assert "0.5 CPU: the floor of a 4-node start-up (s) | 7.00 (6.30–7.70) |" in table
     assert "| container / host throughput | 0.980 | >= 0.95 |" in table
     assert "| 64 KB |" in table and "| 65536 KB |" in table
+    assert "to training again on 2 nodes (3-node job) (s) | 5.00 (4.50–5.50) | < 10 |" in table
+    assert "TorchX `dist.ddp` on local_docker, as shipped" in table
+    assert "| 17.00 (15.30–18.70) / 5.67 (5.10–6.23) / 2100.00 (1890.00–2310.00) |" in table
     assert "start-up" in summary
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

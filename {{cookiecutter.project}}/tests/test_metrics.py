@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from {{ cookiecutter.package }}.logs import progress_bar
+from {{ cookiecutter.package }}.logs import clock, progress
 from {{ cookiecutter.package }}.metrics import MetricsLog
 from {{ cookiecutter.package }}.plot import plot
 
@@ -39,9 +39,15 @@ def test_plot_without_metrics_says_so(tmp_path):
         plot(tmp_path / "metrics.jsonl", tmp_path / "out.png")
 
 
-def test_no_progress_bar_without_a_terminal():
+def test_progress_is_left_out_on_other_ranks_and_when_asked(monkeypatch):
     loader = [1, 2, 3]
-    assert progress_bar(loader, description="x") is loader
+    assert progress(loader, batches=None, epoch=0, epochs=1, every=0) is loader
+    monkeypatch.setenv("RANK", "1")
+    assert progress(loader, batches=None, epoch=0, epochs=1, every=30) is loader
+
+
+def test_times_left_read_as_a_clock():
+    assert [clock(s) for s in (5, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
 
 
 def test_plot_before_any_training_says_so(tmp_path):
