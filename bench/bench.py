@@ -266,7 +266,7 @@ def bench_elastic(results):
     args = "--epochs 8 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
     for _ in range(REPEAT):
         shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
-        up = Lines(["make", "up", "NODES=3", f"ARGS={args}"])
+        up = Lines(["make", "up", "NODES=3", f"ARGS={args}", f"ENV_IMAGE={ENV_IMAGE}"])
         up.wait_for(r"epoch 1/8")
         for key, command, size in (
             ("leave", ["docker", "stop", "ddp-bench-worker-2"], 2),
@@ -353,6 +353,7 @@ def up_job(script, args):
     shutil.rmtree(PROJECT / "checkpoints" / "torchx", ignore_errors=True)
     args = f"{args} --checkpoint-dir /checkpoints/torchx" if script == "train_dist.py" else args
     limits = ["NODES=2", "CPUS=1", "MEMORY=2G"]
+    limits.append(f"ENV_IMAGE={ENV_IMAGE}")  # .env's would win over the environment's
     out = run(["make", "--no-print-directory", "up", *limits, f"SCRIPT={script}", f"ARGS={args}"])
     compose("down", "--remove-orphans")
     return out.stdout

@@ -432,3 +432,26 @@ def test_no_combination_of_the_choices_is_refused(tmp_path):
                 out = tmp_path / f"{gpu}-{conda}-{mirror}"
                 root = render(out, gpu=gpu, conda=conda, mirror=mirror)
                 assert (root / "Dockerfile").exists()
+
+
+def container_user(folder, *make_args, run_as=()):
+    """The ids `make dirs` gives the container's user (its dry run prints the chown)."""
+    result = run([*run_as, "make", "--no-print-directory", "-n", "dirs", *make_args], folder)
+    return re.search(r'chown "(\d+):(\d+)"', result.stdout).groups()
+
+
+def test_the_container_user_follows_whoever_runs_make(default_project, tmp_path):
+    uid, gid = os.getuid(), os.getgid()
+    # root builds for 1000: an image user that is root would defeat the non-root default.
+    assert container_user(default_project) == (str(uid or 1000), str(gid or 1000))
+    assert container_user(default_project, "APP_UID=1234", "APP_GID=2345") == ("1234", "2345")
+    if uid == 0:
+        # Another user, in a folder that user can read.
+        folder = tmp_path / "other"
+        folder.mkdir()
+        for name in ("Makefile", ".env"):
+            (folder / name).write_text((default_project / name).read_text())
+        for path in (tmp_path, folder):
+            path.chmod(0o755)
+        someone = ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"]
+        assert container_user(folder, run_as=someone) == ("4321", "4321")

@@ -102,3 +102,9 @@ def test_chaos_ends_with_the_job_done_and_every_sample_trained(project):
     assert stops >= 1 and kills >= 1 and scales >= 1, summary.group(0)
     assert repeated <= kills * bound
     record(chaos_45s=summary.group(0))
+
+
+def test_scale_without_a_running_job_says_so(project):
+    result = project.make("scale", "NODES=3", check=False)
+    assert result.returncode == 2
+    assert "ERROR: no job is running here: start one with make up" in result.stderr
