@@ -26,11 +26,13 @@ def main(argv=None):
     p.add_argument("--seconds", type=int, default=240, help="how long events are sent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nodes", type=int, default=3, help="nodes at the start; scale goes 1 to +1")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, help="default: about the window's length")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    # About the window's length on a 1-CPU-per-node machine, events included.
-    samples = max(4000, args.seconds * 1500 // args.epochs)
+    # Epochs of a size that fits a 2G node (the synthetic set is held in memory); as many as
+    # last about the window on a 1-CPU-per-node machine, events included.
+    samples = 20000
+    args.epochs = args.epochs or max(2, round(args.seconds * 1500 / samples))
     job = (
         f"--epochs {args.epochs} --samples {samples} --batch-size {BATCH} --record-samples"
         f" --save-every-steps {SAVE_EVERY} --checkpoint-dir /checkpoints/chaos"
@@ -45,7 +47,12 @@ def main(argv=None):
     running.wait_for(r"world size \d+")
     events, kills = chaos(rng, args, running, started)
     make("scale", f"NODES={args.nodes}", check=False)  # back to the start's size, if still running
-    status = running.finish()
+    # Bounded too: a job that cannot finish (say, killed for memory at every start) is stopped.
+    status = running.finish(timeout=4 * args.seconds + 300)
+    if status is None:
+        make("down", check=False)
+        print("chaos: FAILED: the job did not finish in time; stopped it (make down)", flush=True)
+        return 1
     print(f"chaos: make up exited {status} after {time.monotonic() - started:.0f}s", flush=True)
     return check(status, events, kills, args, up, samples)
 
@@ -155,8 +162,12 @@ class Background:
     def alive(self):
         return self.process.poll() is None
 
-    def finish(self):
-        status = self.process.wait()
+    def finish(self, timeout):
+        """make up's status, or None if it was still running after `timeout` seconds."""
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
         self.reader.join()
         return status
 
