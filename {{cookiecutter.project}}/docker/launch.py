@@ -271,7 +271,8 @@ def leave(handler):
     handler._stop_heartbeats()
     try:
         with handler._heartbeat_lock:
-            deadline = handler._get_deadline(timedelta(seconds=int(setting("RDZV_TIMEOUT"))))
+            # Short: a master that is stopping too (make down) must not hold up the exit.
+            deadline = handler._get_deadline(timedelta(seconds=5))
             handler._op_executor.run(_RendezvousExitOp(), deadline)
         print("left the rendezvous", flush=True)
     except Exception as failure:  # the master may be gone already: its heartbeats time out

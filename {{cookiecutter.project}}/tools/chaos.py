@@ -77,8 +77,9 @@ def chaos(rng, args, running, started):
                 what += f" failed: {scaled.stderr.strip()}"
         else:
             worker = rng.choice(workers)
-            subprocess.run(["docker", "stop" if kind == "stop" else "kill", worker], check=False)
-            what = f"{kind} {worker}"
+            command = ["docker", "stop" if kind == "stop" else "kill", worker]
+            subprocess.run(command, check=False, capture_output=True)
+            what = f"{kind} worker {worker[:12]}"
             if kind == "kill":
                 kills.append(current_epoch())
         events.append(kind)
