@@ -89,10 +89,12 @@ def test_scaled_up_and_down_while_running_each_sample_once(project):
 
 
 def test_chaos_ends_with_the_job_done_and_every_sample_trained(project):
-    """The short version of `make chaos` (4 minutes by default)."""
-    out = project.make("chaos", "NODES=3", "CHAOS_SECONDS=45", "CHAOS_SEED=1").stdout
+    """The short version of `make chaos` (4 minutes by default). Seed 2's second kill tends to
+    land as a round forms, which ended the job before (a node of the round lost before it
+    said its process count)."""
+    out = project.make("chaos", "NODES=3", "CHAOS_SECONDS=45", "CHAOS_SEED=2").stdout
     summary = re.search(
-        r"chaos: seed 1, \d+ events \((\d+) stops, (\d+) kills, (\d+) scales\), make up exited 0;"
+        r"chaos: seed 2, \d+ events \((\d+) stops, (\d+) kills, (\d+) scales\), make up exited 0;"
         r" \d+ epochs of \d+ samples: 0 missing, (\d+) repeated \(at most (\d+) a kill\);"
         r" the last checkpoint loads: yes",
         out,

@@ -69,7 +69,7 @@ def main():
 
     if worker and not restarted and not wait_for_master(int(setting("WAIT_TIMEOUT"))):
         return 1
-    return run_torchrun(role, torchrun_arguments(role, script, restarted))
+    return run_torchrun(role, torchrun_arguments(role, script))
 
 
 def node_role():
@@ -170,11 +170,10 @@ def max_nodes():
     return int(setting("MAX_NODES") or setting("NNODES"))
 
 
-def torchrun_arguments(role, script, restarted):
-    # The first round waits for all NNODES, later ones re-form with MIN_NODES to MAX_NODES
-    # (run_torchrun widens them); a restarted node joins a running job of any size (README,
-    # "Elastic").
-    nodes = f"{setting('NNODES')}:{max_nodes() if restarted else setting('NNODES')}"
+def torchrun_arguments(role, script):
+    # The job's first round waits for all NNODES; once it has formed, run_torchrun widens every
+    # node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
+    nodes = f"{setting('NNODES')}:{setting('NNODES')}"
     rdzv_conf = (
         f"is_host={int(role == 'master')},join_timeout={setting('JOIN_TIMEOUT')},"
         f"last_call_timeout={setting('LAST_CALL_TIMEOUT')},read_timeout={setting('RDZV_TIMEOUT')},"
@@ -200,17 +199,24 @@ def torchrun_arguments(role, script, restarted):
 def run_torchrun(role, arguments):
     """torchrun's main() with the changes README's "Exit codes" and "Elastic" list; returns the
     node's status."""
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        DynamicRendezvousHandler,
+        _RendezvousJoinOp,
+    )
     from torch.distributed.run import main
 
     # Private methods of torch's agent and rendezvous (torch is pinned); tests/test_launch.py
     # checks that they exist.
     monitor = LocalElasticAgent._monitor_workers
+    rendezvous = LocalElasticAgent._rendezvous
+    assign_ranks = LocalElasticAgent._assign_worker_ranks
     next_rendezvous = DynamicRendezvousHandler.next_rendezvous
-    joined = []
+    join = _RendezvousJoinOp.__call__
+    joined, members = [], set()  # the handler and the nodes of the last round it joined
 
     def monitor_with_exit_codes(agent, worker_group):
         result = monitor(agent, worker_group)
@@ -225,12 +231,45 @@ def run_torchrun(role, arguments):
             )
         return result
 
-    def widen_after_first_round(handler):
+    def join_at_any_size_once_formed(op, context, deadline):
+        # Each node applies its own sizes to the shared state, so all must hold the same ones,
+        # decided by that state, not by how the node was started. A node started for a running
+        # job with other sizes (make scale's NNODES, a replacement with the job's NNODES) could
+        # clear the last call the others waited for when a node left a forming round, so the
+        # round never formed (a chaos run in CI); with NNODES as its maximum it waited in torch's
+        # redundancy list and was never taken in.
+        state = context.state
+        if state.complete or state.round > 0:
+            settings = context.settings  # frozen; shared with the handler and its heartbeats
+            object.__setattr__(settings, "min_nodes", min(int(setting("MIN_NODES")), max_nodes()))
+            object.__setattr__(settings, "max_nodes", max_nodes())
+        return join(op, context, deadline)
+
+    def a_member_is_gone():
+        return not members <= set(joined[0]._state_holder.state.participants)
+
+    def assign_ranks_between_heartbeats(agent, store, *rest):
+        polled = PolledStore(store, int(setting("RDZV_TIMEOUT")), a_member_is_gone)
+        return assign_ranks(agent, polled, *rest)
+
+    def rendezvous_again_if_a_member_is_gone(agent, worker_group):
+        # After each round the agents swap their process counts through the store; a node that
+        # died between the round and its write (a kill at that instant) left the others waiting
+        # RDZV_TIMEOUT and then ended their agents, and so the job, on DistStoreError.
+        while True:
+            try:
+                return rendezvous(agent, worker_group)
+            except DistStoreError:
+                if agent._remaining_restarts <= 0:
+                    raise
+                agent._remaining_restarts -= 1
+                print("torchrun: a node of the new round is gone: forming another", flush=True)
+
+    def remember_the_handler(handler):
         info = next_rendezvous(handler)
-        settings = handler._settings  # frozen, and shared with the handler's state machine
-        object.__setattr__(settings, "min_nodes", min(int(setting("MIN_NODES")), max_nodes()))
-        object.__setattr__(settings, "max_nodes", max_nodes())
         joined[:] = [handler]
+        members.clear()
+        members.update(handler._state_holder.state.participants)
         return info
 
     def leave_without_closing(handler):
@@ -238,7 +277,10 @@ def run_torchrun(role, arguments):
         return True
 
     LocalElasticAgent._monitor_workers = monitor_with_exit_codes
-    DynamicRendezvousHandler.next_rendezvous = widen_after_first_round
+    LocalElasticAgent._rendezvous = rendezvous_again_if_a_member_is_gone
+    LocalElasticAgent._assign_worker_ranks = assign_ranks_between_heartbeats
+    DynamicRendezvousHandler.next_rendezvous = remember_the_handler
+    _RendezvousJoinOp.__call__ = join_at_any_size_once_formed
     if role == "worker":
         DynamicRendezvousHandler.shutdown = leave_without_closing
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(WithoutTraceback())
@@ -278,6 +320,43 @@ def leave(handler):
     except Exception as failure:  # the master may be gone already: its heartbeats time out
         name = type(failure).__name__
         print(f"could not leave the rendezvous ({name}): the others drop it later", flush=True)
+
+
+class PolledStore:
+    """The round's store for torch's exchange of process counts, waiting for keys in short polls.
+
+    The node's heartbeats use the same connection, and each store call holds it: a blocking wait
+    for a lost node's key silenced them, the others dropped this node after 10 s and formed a
+    round without it (the master: rank 0 then at an address no one can dial). The exchange calls
+    set, multi_set, get and multi_get (torch's agent, `_assign_worker_ranks`). The wait ends
+    early once the heartbeats have dropped a node of the round: its key will never come.
+    """
+
+    def __init__(self, store, timeout_s, a_member_is_gone):
+        self.store, self.timeout_s, self.a_member_is_gone = store, timeout_s, a_member_is_gone
+
+    def set(self, key, value):
+        self.store.set(key, value)
+
+    def multi_set(self, keys, values):
+        self.store.multi_set(keys, values)
+
+    def get(self, key):
+        self.wait([key])
+        return self.store.get(key)
+
+    def multi_get(self, keys):
+        self.wait(keys)
+        return self.store.multi_get(keys)
+
+    def wait(self, keys):
+        from torch.distributed import DistStoreError
+
+        deadline = time.monotonic() + self.timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline or self.a_member_is_gone():
+                raise DistStoreError(f"a node of the round never wrote one of {keys}")
+            time.sleep(0.05)
 
 
 class WithoutTraceback(logging.Filter):

@@ -78,3 +78,27 @@ class Node:
     @property
     def output(self):
         return "".join(line for _, line in self.lines)
+
+
+# A node that joins the next round of a job and dies at once, without a word: what a `docker
+# kill` at the instant a round completes leaves behind.
+GHOST = """
+import os, sys
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+endpoint, run_id, nodes, name = sys.argv[1:]
+parameters = RendezvousParameters(
+    "c10d", endpoint, run_id, int(nodes), int(nodes), local_addr=name, is_host=False
+)
+get_rendezvous_handler(parameters).next_rendezvous()
+os._exit(0)  # its heartbeats stop, as a killed node's do
+"""
+
+
+def ghost(job, name):
+    """The ghost node for the job a Node was started with (its environment); returns its
+    process."""
+    endpoint = f"{job['MASTER_ADDR']}:{job['RDZV_PORT']}"
+    arguments = [endpoint, job["RUN_ID"], job["NNODES"], name]
+    return subprocess.Popen([sys.executable, "-c", GHOST, *arguments], cwd=ROOT)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import nodes
 from nodes import Node, free_port
 
 from {{ cookiecutter.package }} import samples
@@ -151,10 +152,28 @@ def test_a_worker_stopped_mid_epoch_leaves_and_the_rest_go_on_with_each_sample_o
 def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_once(tmp_path):
     first = start_nodes(tmp_path, enumerate(["master", "worker"]), NNODES="2", MAX_NODES="3")
     wait_for_records(first[0].process, tmp_path, epoch=2)
-    joining = Node(**{**first[1].environment, "LOCAL_ADDR": "~worker-2", "NNODES": "3"})
+    # Started as `make scale` starts it: the settings of the running job, NNODES included.
+    joining = Node(**{**first[1].environment, "LOCAL_ADDR": "~worker-2"})
     first[0].wait_for(r"world size 3")
     for node in (*first, joining):
         assert node.finish() == 0, node.output
+    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+
+
+def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
+    # RDZV_TIMEOUT far above the 10 s of silence after which a node is dropped.
+    master, worker = start_nodes(
+        tmp_path, enumerate(["master", "worker"]), NNODES="3", RDZV_TIMEOUT="100"
+    )
+    lost = nodes.ghost(master.environment, "~worker-lost")
+    assert lost.wait(timeout=120) == 0  # it was in the first round when it died
+    died = time.monotonic()
+    # The others waited for its process count until it was dropped, not for RDZV_TIMEOUT, and
+    # formed a round without it; before, their agents ended there, and the job with them.
+    assert master.wait_for("a node of the new round is gone: forming another") - died < 60
+    for node in (master, worker):
+        assert node.finish() == 0, node.output
+    assert "world size 2" in master.output
     assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 

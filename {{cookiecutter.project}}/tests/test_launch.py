@@ -3,6 +3,7 @@ the script, a worker's wait for the master, restarts and exit codes."""
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -251,9 +252,15 @@ def test_the_private_torch_names_the_launcher_relies_on_exist():
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
 
     assert callable(LocalElasticAgent._monitor_workers)
+    assert callable(LocalElasticAgent._rendezvous)
+    assert callable(LocalElasticAgent._assign_worker_ranks)
     for name in ("next_rendezvous", "shutdown", "_stop_heartbeats", "_get_deadline"):
         assert callable(getattr(rdzv.DynamicRendezvousHandler, name)), name
     assert {"min_nodes", "max_nodes"} <= {
         f.name for f in dataclasses.fields(rdzv.RendezvousSettings)
     }
     assert callable(rdzv._RendezvousExitOp)
+    assert callable(rdzv._RendezvousJoinOp.__call__)
+    context = inspect.signature(rdzv._RendezvousContext).parameters
+    assert {"state", "settings"} <= set(context)
+    assert {"complete", "round"} <= set(vars(rdzv._RendezvousState()))
