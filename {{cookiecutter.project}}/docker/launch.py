@@ -171,9 +171,6 @@ def max_nodes():
 
 
 def torchrun_arguments(role, script):
-    # The job's first round waits for all NNODES; once it has formed, run_torchrun widens every
-    # node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
-    nodes = f"{setting('NNODES')}:{setting('NNODES')}"
     rdzv_conf = (
         f"is_host={int(role == 'master')},join_timeout={setting('JOIN_TIMEOUT')},"
         f"last_call_timeout={setting('LAST_CALL_TIMEOUT')},read_timeout={setting('RDZV_TIMEOUT')},"
@@ -181,7 +178,9 @@ def torchrun_arguments(role, script):
     )
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
     return [
-        f"--nnodes={nodes}",
+        # All NNODES for the job's first round; once it has formed, run_torchrun widens every
+        # node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
+        f"--nnodes={setting('NNODES')}",
         f"--nproc-per-node={setting('NPROC_PER_NODE')}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={setting('MASTER_ADDR')}:{setting('RDZV_PORT')}",
