@@ -126,7 +126,7 @@ def test_compose_config_carries_the_answers(project):
         assert service["networks"] == {"ddp": None}
         assert "no-new-privileges:true" in service["security_opt"]
         volumes = {v["target"]: v for v in service["volumes"]}
-        assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs"}
+        assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs", "/cache"}
         assert volumes["/app"]["read_only"]
     assert master["hostname"] == "master"
     assert master["healthcheck"]["test"][0] == "CMD"
@@ -145,6 +145,23 @@ def test_compose_config_carries_the_answers(project):
             assert service["ulimits"]["memlock"] == -1
     else:
         assert gpu == [None, None]
+
+
+def test_caches_live_in_a_mounted_folder_that_git_and_the_image_leave_out(
+    default_project, tmp_path
+):
+    root = default_project
+    for service in ("master", "worker"):
+        volumes = {v["target"]: v for v in compose_config(root)["services"][service]["volumes"]}
+        assert volumes["/cache"]["source"] == str(root / "cache")
+        assert not volumes["/cache"].get("read_only")
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "TORCH_HOME=/cache/torch" in dockerfile and "HF_HOME=/cache/huggingface" in dockerfile
+    (tmp_path / ".gitignore").write_text((root / ".gitignore").read_text())
+    run(["git", "init", "-q"], tmp_path)
+    ignored = run(["git", "check-ignore", "--no-index", "cache/torch/weights.pth"], tmp_path)
+    assert ignored.returncode == 0, ignored.stderr
+    assert "cache" in (root / ".dockerignore").read_text().split()
 
 
 def test_memory_limit_and_shm_are_the_answers(tmp_path):
@@ -318,6 +335,7 @@ OTHER_VALUES = {
     "NPROC_PER_NODE": "3",
     "SCRIPT": "own.py",
     "ARGS": "--epochs 9",
+    "TASK": "examples/charlm.py",
     "CPUS": "0.25",
     "MEMORY": "3G",
     "SHM_SIZE": "512m",

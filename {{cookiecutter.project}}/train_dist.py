@@ -1,14 +1,16 @@
-"""Train a small image classifier with DistributedDataParallel.
+"""Train the task with DistributedDataParallel: {{ cookiecutter.package }}/task.py, or the file TASK names.
 
 Runs as a plain script (one process) or under torchrun (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT in the environment):
 
     python train_dist.py --epochs 2
-    torchrun --standalone --nproc-per-node 2 train_dist.py --epochs 2
+    torchrun --standalone --nproc-per-node 2 train_dist.py --epochs 2 --task examples/charlm.py
 
-Rank 0 logs, writes a checkpoint after every epoch and resumes from the newest one on start.
-On SIGTERM or SIGINT (docker stop, Ctrl-C) every rank stops at the same step and rank 0 saves
-where it stopped, so the next start loses nothing.
+Every rank trains its share of each epoch's samples, every sample once whatever the stops and
+world sizes; each epoch ends with a validation pass over every validation sample once. Rank 0
+logs, writes a checkpoint after every epoch (and best.pt when validation improves) and resumes
+from the newest one on start. On SIGTERM or SIGINT (docker stop, Ctrl-C) every rank stops at the
+same step and rank 0 saves where it stopped, so the next start loses nothing.
 """
 
 import argparse
@@ -17,38 +19,41 @@ import os
 import sys
 import time
 from contextlib import closing
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from {{ cookiecutter.package }} import checkpoint, distributed
-from {{ cookiecutter.package }}.data import DataError, build_dataset, writable_dir
+from {{ cookiecutter.package }} import checkpoint, distributed, tasks
+from {{ cookiecutter.package }}.data import DataError, readable_dir, writable_dir
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
-from {{ cookiecutter.package }}.metrics import EpochTotals, MetricsLog
-from {{ cookiecutter.package }}.model import SmallCNN
+from {{ cookiecutter.package }}.metrics import MetricsLog, Sums, describe
 from {{ cookiecutter.package }}.samples import SampleLog
-from {{ cookiecutter.package }}.sampling import PAD, make_loader
+from {{ cookiecutter.package }}.sampling import make_loader, val_loader
+from {{ cookiecutter.package }}.tasks import positive
 
 log = logging.getLogger("train")
+ROOT = Path(__file__).resolve().parent
 
 
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+def task_name(argv=None):
+    """--task, else TASK, else the package's task.py."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", default=os.environ.get("TASK") or tasks.DEFAULT)
+    return p.parse_known_args(argv)[0].task
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, task=None):
+    task = task or tasks.load(task_name(argv), ROOT)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--task",
+        default=task.name,
+        help="the task: a file relative to this folder (default: TASK, else %(default)s)",
+    )
     p.add_argument("--epochs", type=positive(int), default=3, help="total epochs (default 3)")
     p.add_argument("--batch-size", type=positive(int), default=64, help="per process (default 64)")
-    p.add_argument("--lr", type=positive(float), default=0.05, help="SGD learning rate")
+    p.add_argument("--lr", type=positive(float), default=0.05, help="learning rate (the task's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"))
     p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR", "checkpoints"))
@@ -61,7 +66,12 @@ def parse_args(argv=None):
         help="also save every N steps into an epoch: a kill loses at most N steps (0: only at "
         "epoch ends and stops; default 500)",
     )
-    p.add_argument("--samples", type=positive(int), default=2048, help="synthetic dataset size")
+    p.add_argument(
+        "--val-every-steps",
+        type=int,
+        default=0,
+        help="also validate every N steps into an epoch (0: at epoch ends only; default 0)",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=distributed.default_backend())
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
@@ -82,38 +92,72 @@ def parse_args(argv=None):
         default=120,
         help="seconds a collective waits for a silent peer before failing (default 120)",
     )
+    task.add_arguments(p.add_argument_group(f"the task's own ({task.name})"))
     if int(os.environ.get("RANK", 0)) > 0:
         # Every rank gets the same arguments: rank 0 alone prints the usage.
         p.error = lambda message: sys.exit(2)
     return p.parse_args(argv)
 
 
-def run_epoch(model, loader, optimizer, device, stop, bf16, sample_log, saver):
-    """Train the rest of an epoch; return this rank's totals, the steps done, and whether it
-    stopped early because a stop was agreed."""
-    model.train()
-    totals = EpochTotals(device)
+def to_device(batch, device):
+    """The batch's tensors on the device, in whatever structure the task's collate made."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def run_epoch(net, loader, batches, optimizer, task, stop, after_step, device, bf16):
+    """Train the rest of an epoch, calling after_step(steps done, the step's sample ids); return
+    this rank's sums, the steps done, and whether it stopped early because a stop was agreed."""
+    net.train()
+    sums = Sums(device)
     steps = 0
-    for images, labels, ids in loader:
+    for batch, ids in loader:
         if stop.agreed(device):
-            return totals, steps, True
-        images, labels, real = images.to(device), labels.to(device), (ids != PAD).to(device)
+            return sums, steps, True
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images)
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            # Padding fills the last step's short ranks and counts for nothing.
-            loss = (losses * real).sum() / real.sum().clamp(min=1)
+            loss, extra = task.step(net, to_device(batch, device))
+        # DDP averages the ranks' gradients: weighing each rank's mean by its share of the
+        # step's samples makes a short last step count every sample once, as one process would
+        # (and a rank that got only padding count for nothing).
+        weight = len(ids) * batches.world_size / batches.step_samples(steps)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         optimizer.step()
-        totals.add(losses, logits, labels, real)
-        sample_log.add(ids[ids != PAD])
+        if len(ids):
+            sums.add("loss", loss.detach() * len(ids))
+            sums.add("samples", len(ids))
+            for name, value in extra.items():
+                sums.add(name, value)
         steps += 1
-        saver.midway(steps)
-    return totals, steps, False
+        after_step(steps, ids)
+    return sums, steps, False
 
 
-def train(args, stop):
+@torch.no_grad()
+def evaluate(model, loader, task, device, bf16):
+    """The task's validation metrics (val_...) over every rank: each sample once."""
+    distributed.sync_buffers(model)
+    model.eval()
+    sums = Sums(device)
+    for batch, ids in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, extra = task.step(model, to_device(batch, device))
+        sums.add("loss", loss.detach() * len(ids))
+        sums.add("samples", len(ids))
+        for name, value in extra.items():
+            sums.add(name, value)
+    model.train()
+    totals = sums.over_ranks()
+    return {f"val_{name}": value for name, value in task.summarize(totals).items()}
+
+
+def train(args, task, stop):
     """Train; return 0 when done, or the exit status of a stop that was asked for."""
     # init: one process group across the job's ranks, or none under plain `python`
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -122,36 +166,54 @@ def train(args, stop):
     device = distributed.pick_device(args.backend, rank)
     torch.manual_seed(args.seed)
 
-    # data: a problem a restart cannot fix ends every rank with status 2
+    # data: the task's datasets; a problem a restart cannot fix ends every rank with status 2
     with distributed.fail_together(device):
         setup_logging(rank, args.log_dir)
         if master_process:
             writable_dir(args.checkpoint_dir)
-        dataset, classes, about = build_dataset(args.data_dir, args.samples, args.seed)
+        readable_dir(args.data_dir)
+        train_set, val_set = task.datasets(args)
     loader, batches = make_loader(
-        dataset, args.batch_size, rank, world_size, args.seed, args.workers
+        train_set, args.batch_size, rank, world_size, args.seed, args.workers, task.collate
     )
-    log.info("world size %d, backend %s, data: %s", world_size, args.backend, about)
+    val = None
+    if val_set is not None and len(val_set):
+        val = val_loader(val_set, args.batch_size, rank, world_size, args.workers, task.collate)
+    log.info(
+        "world size %d, backend %s, task %s: %d training samples, %d validation",
+        world_size,
+        args.backend,
+        task.name,
+        len(train_set),
+        len(val_set) if val else 0,
+    )
 
     # model, resumed from the newest checkpoint: rank 0 reads it and sends it to every rank
-    model = SmallCNN(classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    state, path = checkpoint.load_latest(args.checkpoint_dir) if master_process else (None, None)
+    torch.manual_seed(args.seed)
+    model = task.model(args).to(device)
+    optimizer = task.optimizer(model, args)
+    state, path = None, None
+    with distributed.fail_together(device):
+        if master_process:
+            state, path = checkpoint.load_latest(args.checkpoint_dir)
     state = distributed.from_rank_0(state)
-    per_step = args.batch_size * world_size
-    start_epoch, consumed, seed, metrics = checkpoint.restore(state, model, optimizer, per_step)
-    if seed not in (None, args.seed):
+    resumed = checkpoint.restore(state, model, optimizer, args.batch_size * world_size)
+    if resumed.seed not in (None, args.seed):
         # The epoch's order comes from the seed: another one would train some samples twice.
-        message = f"{path} was trained with --seed {seed}: resume with it, or start afresh"
+        message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
         raise DataError(message if master_process else "")
     if path:
         log.info(
-            "resumed from %s: epoch %d done, %d samples into the next", path, start_epoch, consumed
+            "resumed from %s: epoch %d done, %d samples into the next",
+            path,
+            resumed.epoch,
+            resumed.samples,
         )
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
 
-    # loop: an epoch at a time, each saved; a stop asked of any rank ends all at the same step
-    stopped = False
+    # loop: an epoch at a time, validated and saved; a stop asked of any rank ends all at the
+    # same step
+    stopped, metrics = False, resumed.metrics
     saver = checkpoint.Saver(
         args.checkpoint_dir,
         args.keep,
@@ -159,41 +221,75 @@ def train(args, stop):
         model,
         optimizer,
         batches,
-        metrics,
+        resumed,
         enabled=master_process,
     )
     sample_log = SampleLog(args.log_dir, rank, enabled=args.record_samples)
     with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log, sample_log:
-        for epoch in range(start_epoch, args.epochs):
-            batches.set_epoch(epoch, consumed if epoch == start_epoch else 0)
-            sample_log.start(epoch, len(dataset))
+
+        def validate():
+            """The validation metrics, named val_...; the monitored one must be among them."""
+            values = evaluate(model, val, task, device, args.bf16)
+            if f"val_{task.monitor}" not in values:
+                message = f"the task's MONITOR {task.monitor!r} is not one of {sorted(values)}"
+                raise DataError(message if master_process else "")
+            return values
+
+        def best(values, steps=None):
+            monitored = f"val_{task.monitor}"
+            saver.validated(monitored, values[monitored], task.better, steps)
+
+        def after_step(steps, ids):
+            sample_log.add(ids)
+            saver.midway(steps)
+            if val and args.val_every_steps and steps % args.val_every_steps == 0:
+                values, done = validate(), batches.position(steps)
+                epochs_done = done["epoch"] + done["samples"] / len(train_set)
+                trained = done["epoch"] * len(train_set) + done["samples"]
+                metrics_log.record(epochs_done, args.epochs, values, trained, midway=True)
+                best(values, steps)
+
+        for epoch in range(resumed.epoch, args.epochs):
+            batches.set_epoch(epoch, resumed.samples if epoch == resumed.epoch else 0)
+            sample_log.start(epoch, len(train_set))
             started = time.perf_counter()
             shown = progress(loader, batches, epoch, args.epochs, args.progress_every)
-            totals, steps, stopped = run_epoch(
-                net, shown, optimizer, device, stop, args.bf16, sample_log, saver
+            sums, steps, stopped = run_epoch(
+                net, shown, batches, optimizer, task, stop, after_step, device, args.bf16
             )
             if stopped:
                 saver.stopped(steps)
                 break
-            metrics = totals.over_ranks(seconds=time.perf_counter() - started)
+            totals = sums.over_ranks()
+            metrics = {
+                **task.summarize(totals),
+                "samples_per_s": totals["samples"] / (time.perf_counter() - started),
+                "world_size": world_size,
+            }
+            values = validate() if val else {}
+            metrics.update(values)
             saver.epoch_done(metrics)
-            metrics_log.record(epoch + 1, args.epochs, metrics)
+            metrics_log.record(epoch + 1, args.epochs, metrics, (epoch + 1) * len(train_set))
+            if values:
+                best(values)
 
     # finish: the stop's status, or a check that every rank ended with the same weights
     if stopped:
         return stop.exit_status()
     if metrics is None:
         raise RuntimeError("no epoch ran and no checkpoint holds metrics")
+    distributed.sync_buffers(model)
     distributed.check_in_step(model)
-    log.info("final loss %.4f accuracy %.3f", metrics["loss"], metrics["accuracy"])
+    log.info("final %s", describe(metrics))
     log_gpu_memory(device)
     return 0
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return train(args, distributed.GracefulStop())
+        task = tasks.load(task_name(argv), ROOT)
+        args = parse_args(argv, task)
+        return train(args, task, distributed.GracefulStop())
     except DataError as err:
         if str(err):  # empty on the ranks that stopped because another found the problem
             print(f"ERROR: {err}", file=sys.stderr)

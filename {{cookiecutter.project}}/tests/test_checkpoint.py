@@ -40,6 +40,56 @@ def test_corrupt_checkpoint_is_moved_aside_and_the_previous_one_used(tmp_path):
     assert (tmp_path / "ckpt-epoch0002.pt.corrupt").exists()
 
 
+class Unlisted:
+    """A class that torch.load(weights_only=True) does not allow: what a fork adds to a state."""
+
+
+def test_a_state_the_safe_loader_refuses_stops_the_job_and_is_left_in_place(tmp_path):
+    checkpoint.save(_state(1), tmp_path, 1)
+    refused = checkpoint.save({**_state(2), "extra": Unlisted()}, tmp_path, 2)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_latest(tmp_path)
+    message = str(error.value)
+    assert str(refused) in message and "Unlisted" in message
+    assert "add_safe_globals" in message and "\n" not in message
+    # Never a silent step back: no file set aside, none older loaded.
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
+        "ckpt-epoch0001.pt",
+        "ckpt-epoch0002.pt",
+    ]
+    assert not list(tmp_path.glob("*.corrupt"))
+
+
+def test_garbage_under_a_checkpoint_name_is_set_aside(tmp_path):
+    checkpoint.save(_state(1), tmp_path, 1)
+    (tmp_path / "ckpt-epoch0002.pt").write_bytes(b"garbage" * 10)
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["epoch"] == 1 and (tmp_path / "ckpt-epoch0002.pt.corrupt").exists()
+
+
+def test_a_read_error_stops_the_job_and_sets_nothing_aside(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, 1)
+    newest = checkpoint.save(_state(2), tmp_path, 2)
+
+    def read_error(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint.torch, "load", read_error)
+    with pytest.raises(checkpoint.CheckpointError, match="Input/output error") as error:
+        checkpoint.load_latest(tmp_path)
+    assert str(newest) in str(error.value) and newest.exists()
+    assert not list(tmp_path.glob("*.corrupt"))
+
+
+def test_best_is_neither_pruned_nor_resumed_from(tmp_path):
+    checkpoint.write(_state(1), tmp_path / checkpoint.BEST)
+    for epoch in range(2, 6):
+        checkpoint.save(_state(epoch), tmp_path, epoch, keep=1)
+    assert (tmp_path / "best.pt").exists()
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt-epoch0005.pt"]
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 5
+
+
 def test_half_written_temporary_file_is_ignored(tmp_path):
     checkpoint.save(_state(1), tmp_path, 1)
     (tmp_path / ".ckpt-epoch0002.pt.tmp").write_bytes(b"partial")
@@ -104,7 +154,7 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _model_and_optimizer(seed):
-    from {{ cookiecutter.package }}.model import SmallCNN
+    from {{ cookiecutter.package }}.task import SmallCNN
 
     torch.manual_seed(seed)
     model = SmallCNN()
@@ -115,16 +165,17 @@ def test_a_restored_state_goes_on_where_it_was_saved(tmp_path):
     model, optimizer = _model_and_optimizer(0)
     metrics = {"loss": 1.5, "accuracy": 0.25, "samples_per_s": 10.0, "world_size": 2}
     where = {"epoch": 2, "samples": 448, "world_size": 2, "batch_size": 32, "seed": 7}
-    path = checkpoint.save(checkpoint.state(model, optimizer, where, metrics), tmp_path, 2, 448)
+    state_now = checkpoint.state(model, optimizer, where, metrics, best=0.5)
+    path = checkpoint.save(state_now, tmp_path, 2, 448)
     state, _ = checkpoint.load_latest(tmp_path)
 
     other, other_optimizer = _model_and_optimizer(1)
     restored = checkpoint.restore(state, other, other_optimizer, samples_per_step=99)
-    assert restored == (2, 448, 7, {"loss": 1.5, "accuracy": 0.25})
+    assert restored == (2, 448, 7, metrics, 0.5)
     assert path.name == "ckpt-epoch0002-sample00000448.pt"
     for name, tensor in model.state_dict().items():
         assert torch.equal(other.state_dict()[name], tensor), name
-    assert checkpoint.restore(None, other, other_optimizer, 99) == (0, 0, None, None)
+    assert checkpoint.restore(None, other, other_optimizer, 99) == (0, 0, None, None, None)
 
 
 def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
@@ -134,4 +185,13 @@ def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
     torch.save(older, tmp_path / "ckpt-epoch0001-step000040.pt")
     state, path = checkpoint.load_latest(tmp_path)
     assert path.name == "ckpt-epoch0001-step000040.pt"
-    assert checkpoint.restore(state, model, optimizer, samples_per_step=64) == (1, 2560, None, None)
+    assert checkpoint.restore(state, model, optimizer, samples_per_step=64) == (
+        1,
+        2560,
+        None,
+        None,
+        None,
+    )
+    older.update(epoch=2, step=0, loss=1.5, accuracy=0.25)
+    restored = checkpoint.restore(older, model, optimizer, samples_per_step=64)
+    assert restored.metrics == {"loss": 1.5, "accuracy": 0.25}

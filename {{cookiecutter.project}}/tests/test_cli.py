@@ -103,6 +103,7 @@ def test_single_process_trains_checkpoints_and_resumes(tmp_path):
     assert len(losses(first.stdout)) == 2
     assert "final loss" in first.stdout
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
+        "best.pt",
         "ckpt-epoch0001.pt",
         "ckpt-epoch0002.pt",
     ]
@@ -110,7 +111,11 @@ def test_single_process_trains_checkpoints_and_resumes(tmp_path):
     assert re.search(r"^\d\d:\d\d:\d\d \[\S+ r0\] epoch 1/2 loss", first.stdout, re.MULTILINE)
     metrics = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert {"loss", "accuracy", "samples_per_s"} <= set(metrics[0])
+    assert {"loss", "accuracy", "samples_per_s", "val_loss", "val_accuracy"} <= set(metrics[0])
+    # best.pt is the epoch with the best validation accuracy so far.
+    best = torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)
+    top = max(metrics, key=lambda m: m["val_accuracy"])
+    assert best["best"] == top["val_accuracy"] and best["epoch"] == top["epoch"]
     assert list((tmp_path / "logs" / "tb").glob("events.out.tfevents.*"))
 
     again = _train(tmp_path, "--epochs", "3")
@@ -150,6 +155,63 @@ def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeyp
     )
     args = ["--epochs=1", "--samples=64", *folders(tmp_path), f"--checkpoint-dir={blocked}"]
     assert train_dist.main(args) == 2
+
+
+def test_validation_counts_every_sample_once_over_the_ranks(tmp_path):
+    # 7 validation samples over 3 ranks (3, 2, 2), at epoch ends and every 2 steps.
+    (tmp_path / "data").mkdir()
+    torchrun_3 = [*TORCHRUN_2[:-2], "3", "train_dist.py"]
+    job = ["--task=tests/probe_task.py", "--points=60", "--batch-size=4", "--epochs=2"]
+    result = run(*torchrun_3, *job, "--val-every-steps=2", *folders(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
+    validated = [row for row in rows if "val_mse" in row]
+    # 60 samples, 12 a step: 5 steps an epoch, validated after steps 2 and 4 and at the end.
+    assert [row["epoch"] for row in validated] == [0.4, 0.8, 1, 1.4, 1.8, 2]
+    assert {(row["val_count"], row["val_keys"]) for row in validated} == {(7, 2**7 - 1)}
+    assert re.search(r"epoch 0\.400/2 val_loss [0-9.]+ .*val_count 7\.0000$", result.stdout, re.M)
+    assert re.search(r"epoch 2/2 loss [0-9.]+ .* val_mse [0-9.]+", result.stdout)
+    best = torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)
+    assert best["best"] == min(row["val_mse"] for row in validated)
+
+
+def test_a_checkpoint_the_safe_loader_refuses_stops_with_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    # What a fork gets when its state holds an object of its own (here a pathlib.Path).
+    state = {"model": {}, "epoch": 1, "extra": Path("x")}
+    torch.save(state, tmp_path / "ckpt" / "ckpt-epoch0001.pt")
+    result = _train(tmp_path, "--epochs", "2")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ERROR: ") and "ckpt-epoch0001.pt" in line and "add_safe_globals" in line
+    assert (tmp_path / "ckpt" / "ckpt-epoch0001.pt").exists()  # not set aside, not replaced
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("nowhere.py", "TASK nowhere.py: no such file"),
+        ("tests/nodes.py", "defines no datasets, model, optimizer, step"),
+    ],
+)
+def test_a_task_that_cannot_be_used_stops_with_one_line(tmp_path, task, message):
+    (tmp_path / "data").mkdir()
+    result = _train(tmp_path, "--epochs", "1", f"--task={task}")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("ERROR: ") and message in line
+
+
+def test_a_task_that_does_not_import_shows_its_traceback_and_is_not_retried(tmp_path):
+    (tmp_path / "data").mkdir()
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise ValueError('my bug')\n")
+    result = _train(tmp_path, "--epochs", "1", f"--task={broken}")
+    assert result.returncode == 2  # a restart cannot fix it
+    assert "Traceback" in result.stderr and "ValueError: my bug" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"ERROR: TASK {broken} does not import: my bug"
 
 
 def test_torchrun_two_processes_loss_decreases(tmp_path):

@@ -1,8 +1,12 @@
+from argparse import Namespace
+
 import pytest
 import torch
 
-from {{ cookiecutter.package }}.data import DataError, build_dataset, synthetic
-from {{ cookiecutter.package }}.sampling import PAD, EpochBatches, make_loader
+from {{ cookiecutter.package }} import task
+from {{ cookiecutter.package }}.data import DataError, readable_dir
+from {{ cookiecutter.package }}.sampling import PAD, EpochBatches, make_loader, val_loader
+from {{ cookiecutter.package }}.task import synthetic
 
 
 def _trained(world_size, batch_size=8, size=60, epoch=0, consumed=0):
@@ -47,12 +51,41 @@ def test_the_order_changes_every_epoch_and_repeats_with_the_seed():
     assert _trained(2, epoch=0) == _trained(2, epoch=0)
 
 
-def test_the_loader_gives_ids_and_pads_with_the_first_sample():
-    loader, batches = make_loader(synthetic(10), 4, rank=1, world_size=3, seed=0)
+def test_the_loader_gives_the_real_samples_and_their_ids():
+    # 10 samples, 3 ranks x 4: after 6, rank 1 gets the 8th of the order and a pad.
+    dataset = synthetic(10)
+    loader, batches = make_loader(dataset, 4, rank=1, world_size=3, seed=0)
     batches.set_epoch(0, consumed=6)
-    ((images, labels, ids),) = list(loader)
-    assert ids.tolist() == [batches.order()[7], PAD]
-    assert images.shape == (2, 3, 32, 32) and labels.shape == (2,)
+    ((images, labels), ids) = next(iter(loader))
+    assert ids.tolist() == [batches.order()[7]]
+    assert images.shape == (1, 3, 32, 32) and labels.shape == (1,)
+    assert torch.equal(images[0], dataset[batches.order()[7]][0])
+    assert batches.step_samples(0) == 4  # over every rank: 10 - 6
+
+
+def test_a_rank_with_only_padding_gets_stand_ins_and_no_ids():
+    loader, batches = make_loader(synthetic(10), 4, rank=2, world_size=3, seed=0)
+    batches.set_epoch(0, consumed=8)  # 2 left for 3 ranks: rank 2 gets a pad
+    ((images, _), ids) = next(iter(loader))
+    assert ids.tolist() == [] and len(images) == 1
+    assert batches.step_samples(0) == 2
+
+
+def test_batches_may_be_any_structure_the_task_collates():
+    pairs = [({"x": torch.tensor([i, i]), "n": i}) for i in range(6)]
+    loader, batches = make_loader(pairs, 3, rank=0, world_size=2, seed=0)
+    batch, ids = next(iter(loader))
+    assert batch["x"].shape == (3, 2) and batch["n"].tolist() == ids.tolist()
+
+
+def test_validation_deals_every_sample_once_without_padding():
+    dataset = [(torch.tensor(float(i)), i) for i in range(11)]
+    seen = []
+    for rank in range(4):
+        for (_, labels), ids in val_loader(dataset, 2, rank, world_size=4):
+            assert labels.tolist() == ids.tolist()
+            seen += ids.tolist()
+    assert sorted(seen) == list(range(11))
 
 
 def test_synthetic_is_deterministic_and_labelled():
@@ -62,32 +95,60 @@ def test_synthetic_is_deterministic_and_labelled():
     assert int(a.tensors[1].max()) < 10
 
 
-def test_empty_folder_falls_back_to_synthetic(tmp_path):
-    dataset, classes, description = build_dataset(tmp_path, samples=16)
-    assert len(dataset) == 16 and classes == 10
-    assert "synthetic" in description
+def _args(data_dir, samples=16):
+    return Namespace(data_dir=str(data_dir), samples=samples, seed=0)
 
 
-def test_image_folder_is_used_when_present(tmp_path):
+def _images(folder, classes=("cat", "dog"), per_class=3):
     from PIL import Image
 
-    for label in ("cat", "dog"):
-        (tmp_path / label).mkdir()
-        for i in range(3):
-            Image.new("RGB", (40, 20), color=(i * 40, 10, 200)).save(tmp_path / label / f"{i}.png")
-    dataset, classes, description = build_dataset(tmp_path, samples=16)
-    assert classes == 2 and len(dataset) == 6
-    image, label = dataset[0]
+    for label in classes:
+        (folder / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 20), color=(i * 40, 10, 200)).save(folder / label / f"{i}.png")
+
+
+def test_without_data_train_the_default_task_is_synthetic(tmp_path):
+    # Images anywhere else under data/ do not switch it: only the data/train layout does.
+    _images(tmp_path / "stray")
+    train, val = task.datasets(_args(tmp_path))
+    assert (len(train), len(val)) == (16, 2)
+    assert not torch.equal(train[0][0], val[0][0])  # other samples, the same classes
+    assert task.model(_args(tmp_path)).classifier.out_features == 10
+
+
+def test_data_train_and_val_are_image_folders(tmp_path):
+    _images(tmp_path / "train")
+    _images(tmp_path / "val", per_class=1)
+    train, val = task.datasets(_args(tmp_path))
+    assert (len(train), len(val)) == (6, 2)
+    image, label = train[0]
     assert image.shape == (3, 32, 32) and label == 0
-    assert "ImageFolder" in description
+    assert task.model(_args(tmp_path)).classifier.out_features == 2
+
+
+def test_without_data_val_a_tenth_of_train_is_held_out(tmp_path):
+    _images(tmp_path / "train", per_class=10)
+    train, val = task.datasets(_args(tmp_path))
+    assert (len(train), len(val)) == (18, 2)
+    assert not set(train.indices) & set(val.indices)
+    again = task.datasets(_args(tmp_path))[1]
+    assert again.indices == val.indices  # the same on every rank and at every start
+
+
+def test_val_classes_must_match_train(tmp_path):
+    _images(tmp_path / "train")
+    _images(tmp_path / "val", classes=("cat", "cow"))
+    with pytest.raises(DataError, match="has classes"):
+        task.datasets(_args(tmp_path))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        build_dataset(tmp_path / "nope", samples=16)
+        readable_dir(tmp_path / "nope")
 
 
 def test_unreadable_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(DataError, match="is not readable"):
-        build_dataset(tmp_path, samples=16)
+        readable_dir(tmp_path)

@@ -1,6 +1,9 @@
 """DDP on several processes computes the same step as one process on the whole batch."""
 
 import json
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -11,9 +14,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import distributed
-from {{ cookiecutter.package }}.data import synthetic
-from {{ cookiecutter.package }}.model import SmallCNN
+from {{ cookiecutter.package }}.task import SmallCNN, synthetic
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 BATCH = 16
 
@@ -88,3 +91,32 @@ def test_ddp_step_equals_single_process_on_full_batch(tmp_path):
     torch.manual_seed(0)
     untrained = SmallCNN().state_dict()
     assert not torch.equal(untrained["classifier.weight"], expected["classifier.weight"])
+
+
+def _one_epoch(tmp_path, *launcher, batch_size):
+    """One epoch of 37 samples by train_dist.py; the weights it saved."""
+    folders = [f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log")]
+    (tmp_path / "data").mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    result = subprocess.run(
+        [*launcher, "train_dist.py", "--epochs=1", "--samples=37", f"--batch-size={batch_size}"]
+        + folders,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return torch.load(tmp_path / "checkpoint" / "ckpt-epoch0001.pt", weights_only=True)["model"]
+
+
+def test_a_short_last_step_counts_every_sample_once_as_one_process_would(tmp_path):
+    # 37 samples in steps of 16: the last step has 5, 3 on rank 0 and 2 on rank 1. Each rank's
+    # mean alone, averaged by DDP, would weigh rank 1's samples 3/2 as much as rank 0's.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    two = _one_epoch(tmp_path / "two", *torchrun, "--nproc-per-node=2", batch_size=8)
+    one = _one_epoch(tmp_path / "one", sys.executable, batch_size=16)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,23 +1,38 @@
 """Checkpoints that survive a crash: written to a temporary file, fsynced, then renamed.
 
 A reader never sees a half-written file under the final name; a failed write (a full disk)
-leaves the previous checkpoint as it was; and a file that does not load is moved aside, never
-deleted, so the one before it is used and the bad one can be inspected.
+leaves the previous checkpoint as it was. A file that is truncated or corrupt is moved aside,
+never deleted, so the one before it is used and the bad one can be inspected. Any other failure
+to load (a read error, an object in the state that torch.load(weights_only=True) refuses) stops
+the job with a message: going back to an older checkpoint, or to none, would silently undo
+training.
 
 Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-sample00002560.pt when the job
 stopped 2,560 samples into the 4th epoch (a graceful stop). Older mid-epoch checkpoints,
 ckpt-epoch0003-step000040.pt, counted steps of the world size that wrote them; they still load.
+best.pt: the state with the best validation metric the task names; `keep` never removes it and
+a resume never starts from it.
 """
 
 import logging
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from {{ cookiecutter.package }}.data import DataError
+
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
+BEST = "best.pt"
+
+
+class CheckpointError(DataError):
+    """A checkpoint that is there but cannot be used as it is; the message says what to do."""
 
 
 def name(epoch: int, samples: int = 0) -> str:
@@ -48,9 +63,16 @@ def checkpoints(directory) -> list[Path]:
 
 def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) -> Path:
     """Write state as the checkpoint of `samples` into epoch `epoch`; keep the newest `keep`."""
-    directory = Path(directory)
+    final = write(state, Path(directory) / name(epoch, samples))
+    for old in checkpoints(directory)[:-keep]:
+        old.unlink()
+    return final
+
+
+def write(state: dict, final: Path) -> Path:
+    """Write state to `final` whole or not at all."""
+    directory = final.parent
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name(epoch, samples)
     tmp = directory / f".{final.name}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -62,61 +84,103 @@ def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) ->
         raise
     os.replace(tmp, final)
     _fsync_dir(directory)
-    for old in checkpoints(directory)[:-keep]:
-        old.unlink()
     return final
 
 
-def state(model, optimizer, position, metrics) -> dict:
+def state(model, optimizer, position, metrics, best=None) -> dict:
     """What a checkpoint holds: enough to go on from `position` (EpochBatches.position) as if
-    never stopped."""
+    never stopped: the last epoch's metrics and the best validation value so far with it."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         **position,
-        "loss": metrics["loss"] if metrics else None,
-        "accuracy": metrics["accuracy"] if metrics else None,
+        "metrics": metrics,
+        "best": best,
     }
 
 
-def restore(state, model, optimizer, samples_per_step):
-    """Load a checkpoint's state; return the (epoch, samples, seed, metrics) to go on from.
+class Resumed(NamedTuple):
+    epoch: int = 0  # epochs done
+    samples: int = 0  # into the next
+    seed: int | None = None
+    metrics: dict | None = None  # of the last epoch done
+    best: float | None = None  # the monitored validation value of best.pt
+
+
+def restore(state, model, optimizer, samples_per_step) -> Resumed:
+    """Load a checkpoint's state into the model and optimizer; return where to go on from.
 
     An older checkpoint counted steps, not samples: its steps are taken to be of the current
-    world size and batch size (`samples_per_step`), as the code that wrote it resumed them.
+    world size and batch size (`samples_per_step`), as the code that wrote it resumed them; it
+    kept loss and accuracy as keys of their own.
     """
     if state is None:
-        return 0, 0, None, None
+        return Resumed()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    metrics = None
-    if state["loss"] is not None:
+    metrics = state.get("metrics")
+    if "metrics" not in state and state.get("loss") is not None:
         metrics = {"loss": state["loss"], "accuracy": state["accuracy"]}
     samples = state.get("samples", state.get("step", 0) * samples_per_step)
-    return state["epoch"], samples, state.get("seed"), metrics
+    return Resumed(state["epoch"], samples, state.get("seed"), metrics, state.get("best"))
 
 
 def load_latest(directory):
-    """Return (state, path) of the newest checkpoint that loads, or (None, None)."""
+    """Return (state, path) of the newest checkpoint that loads, or (None, None). A truncated
+    or corrupt file is set aside; anything else raises CheckpointError."""
     for path in reversed(checkpoints(directory)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as err:  # noqa: BLE001 - any unreadable file is set aside the same way
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
-            log.warning("checkpoint %s does not load (%s); moved to %s", path, err, aside.name)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot read {path} ({err.strerror or err}): fix the file or its folder "
+                "(permissions, the disk), or move it away to resume from the one before"
+            ) from None
+        except pickle.UnpicklingError as err:
+            # A whole archive that the safe unpickler refuses: not damage but a state that
+            # holds an object of a class torch does not allow by default.
+            if _whole_archive(path):
+                reason = next(
+                    (line.strip() for line in str(err).splitlines() if "Unsupported" in line), ""
+                )
+                raise CheckpointError(
+                    f"{path} holds an object that torch.load(weights_only=True) refuses"
+                    f"{': ' + reason.split('. Please')[0] if reason else ''}. Keep tensors, "
+                    "numbers, strings, lists and dicts in the state (state_dict() of the "
+                    "object), or allow the class in the task with "
+                    "torch.serialization.add_safe_globals([...])"
+                ) from None
+            _set_aside(path, err)
+        except Exception as err:  # noqa: BLE001 - truncated or damaged: the zip or pickle format
+            _set_aside(path, err)
     return None, None
+
+
+def _whole_archive(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _set_aside(path, err):
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    log.warning("checkpoint %s does not load (%s); moved to %s", path, err, aside.name)
 
 
 class Saver:
     """A run's checkpoints, written by rank 0 alone (DDP keeps the weights equal on every rank):
-    at the end of each epoch, every `every` steps into one (0: never), and where a stop left off.
-    `batches` (sampling.EpochBatches) says where training stands."""
+    at the end of each epoch, every `every` steps into one (0: never), where a stop left off,
+    and best.pt when validation improves on the best so far. `batches`
+    (sampling.EpochBatches) says where training stands."""
 
-    def __init__(self, directory, keep, every, model, optimizer, batches, metrics, enabled):
-        self.directory, self.keep, self.every = directory, keep, every
+    def __init__(self, directory, keep, every, model, optimizer, batches, resumed, enabled):
+        self.directory, self.keep, self.every = Path(directory), keep, every
         self.model, self.optimizer, self.batches = model, optimizer, batches
-        self.metrics, self.enabled = metrics, enabled
+        self.metrics, self.best_value = resumed.metrics, resumed.best
+        self.enabled = enabled
 
     def epoch_done(self, metrics):
         self.metrics = metrics
@@ -139,8 +203,20 @@ class Saver:
                 size,
             )
 
+    def validated(self, name, value, better, steps=None):
+        """Keep the state as best.pt if `value` of metric `name` is better than the best so far
+        (`better(new, old)`)."""
+        if self.best_value is not None and not better(value, self.best_value):
+            return
+        self.best_value = value
+        if self.enabled:
+            where = self.batches.position(steps)
+            now = state(self.model, self.optimizer, where, self.metrics, value)
+            path = write(now, self.directory / BEST)
+            log.info("best %s so far (%.4f): saved %s", name, value, path)
+
     def _save(self, where):
         if self.enabled:
-            state_now = state(self.model, self.optimizer, where, self.metrics)
-            return save(state_now, self.directory, where["epoch"], where["samples"], self.keep)
+            now = state(self.model, self.optimizer, where, self.metrics, self.best_value)
+            return save(now, self.directory, where["epoch"], where["samples"], self.keep)
         return None

@@ -122,6 +122,15 @@ class GracefulStop:
         return 128 + self.signal if self.signal else PEER_STOPPED
 
 
+def sync_buffers(model):
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, as DDP gives them at the
+    start of each training step. For validation and the final check: after a step each rank
+    holds the statistics of its own batch, and weights of BatchNorm models would differ."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def fingerprint(model):
     """A short hash of the weights: equal on every rank if DDP kept them in step."""
     digest = hashlib.sha256()

@@ -1,5 +1,5 @@
-"""An epoch's totals over every rank, and rank 0's record of them: JSON lines (metrics.jsonl)
-and TensorBoard events (tb/)."""
+"""Metrics: a phase's sums on each rank, added up over the ranks, and rank 0's record of them:
+a log line, JSON lines (metrics.jsonl) and TensorBoard events (tb/)."""
 
 import json
 import logging
@@ -10,38 +10,53 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+# Written by the loop, not by a task's summarize(): shown last, or not at all on the log line.
+LOOP_VALUES = ("samples_per_s", "world_size")
 
 
-class EpochTotals:
-    """An epoch's sums on this rank, kept on the training device: nccl reduces GPU tensors only,
-    and .item() every step would wait for the GPU every step."""
+class Sums:
+    """Named sums of a training epoch or a validation pass on this rank, kept on the training
+    device: .item() at every step would make the host wait for the GPU at every step."""
 
     def __init__(self, device):
-        # Three views of one tensor: `+=` adds in place, and one all-reduce sums all three.
-        self.loss_sum, self.correct, self.samples = self._sums = torch.zeros(
-            3, dtype=torch.float64, device=device
-        )
+        self.device = device
+        self.values = {}
 
-    def add(self, losses, logits, labels, real):
-        """A step's per-sample losses; `real` masks out padding."""
-        self.loss_sum += (losses.detach() * real).sum()
-        self.correct += ((logits.argmax(1) == labels) & real).sum()
-        self.samples += real.sum()
+    def add(self, name, value):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(torch.float64)
+        if name in self.values:
+            self.values[name] += value
+        else:
+            self.values[name] = value.clone() if isinstance(value, torch.Tensor) else value
 
-    def over_ranks(self, seconds):
-        """Mean loss and accuracy, and samples per second, over every rank: one all-reduce."""
-        ranks = 1
+    def over_ranks(self):
+        """Every sum added up over the ranks (a rank may lack a name: one that had no
+        samples). One exchange of a few numbers: meant for the end of a phase."""
+        everyone = [{name: float(value) for name, value in self.values.items()}]
         if dist.is_initialized():
-            dist.all_reduce(self._sums)
-            ranks = dist.get_world_size()
-        loss_sum, correct, samples = self._sums.tolist()
-        samples = max(samples, 1)  # an epoch resumed at its very end trained none
-        return {
-            "loss": loss_sum / samples,
-            "accuracy": correct / samples,
-            "samples_per_s": samples / seconds,
-            "world_size": ranks,
-        }
+            mine, everyone = everyone[0], [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        total = {}
+        for sums in everyone:
+            for name, value in sums.items():
+                total[name] = total.get(name, 0.0) + value
+        total.setdefault("samples", 0.0)
+        return total
+
+
+def describe(values):
+    """`loss 0.1234 accuracy 0.5678 val_loss ... samples/s 5000`: loss first, then the task's
+    names as it gave them, validation after training."""
+    names = [n for n in values if n not in LOOP_VALUES]
+    train = [n for n in names if not n.startswith("val_")]
+    ordered = sorted(train, key=lambda n: n != "loss") + sorted(
+        (n for n in names if n.startswith("val_")), key=lambda n: n != "val_loss"
+    )
+    text = " ".join(f"{name} {values[name]:.4f}" for name in ordered)
+    if "samples_per_s" in values:
+        text += f" samples/s {values['samples_per_s']:.0f}"
+    return text
 
 
 class MetricsLog:
@@ -59,23 +74,20 @@ class MetricsLog:
         else:
             self.writer = SummaryWriter(log_dir=str(Path(log_dir) / "tb"))
 
-    def record(self, epoch, epochs, values):
-        """Log the epoch's line, and write its values as a JSON line and TensorBoard scalars."""
+    def record(self, epoch, epochs, values, trained, midway=False):
+        """Log a line (for an epoch's end; `midway`: a validation inside an epoch, with `epoch`
+        the epochs done and the part of the next), and write the values as a JSON line and
+        TensorBoard scalars, whose x is the samples the job has trained (`trained`)."""
         if not self.enabled:
             return
-        log.info(
-            "epoch %d/%d loss %.4f accuracy %.3f samples/s %.0f",
-            epoch,
-            epochs,
-            values["loss"],
-            values["accuracy"],
-            values["samples_per_s"],
-        )
+        where = f"epoch {epoch:.3f}/{epochs}" if midway else f"epoch {epoch}/{epochs}"
+        log.info("%s %s", where, describe(values))
+        row = {"epoch": epoch, "trained": trained, "time": time.time(), **values}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "time": time.time(), **values}) + "\n")
+            f.write(json.dumps(row) + "\n")
         if self.writer is not None:
             for name, value in values.items():
-                self.writer.add_scalar(name, value, epoch)
+                self.writer.add_scalar(name, value, trained)
             self.writer.flush()
 
     def close(self):

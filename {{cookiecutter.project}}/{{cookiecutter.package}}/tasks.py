@@ -1,0 +1,97 @@
+"""Loading the task that TASK names (task.py in this package unless .env says otherwise), with
+its optional parts filled in; the contract is at the top of task.py."""
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+from torch.utils.data import default_collate
+
+from {{ cookiecutter.package }}.data import DataError
+
+DEFAULT = "{{ cookiecutter.package }}/task.py"
+REQUIRED = ("datasets", "model", "optimizer", "step")
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above 0."""
+
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def means(sums):
+    """The default summarize(): each sum per sample."""
+    samples = max(sums["samples"], 1)
+    return {name: value / samples for name, value in sums.items() if name != "samples"}
+
+
+def load(spec, root):
+    """The task module `spec` names (a file relative to `root`, or a module), with defaults."""
+    module = _import(spec, Path(root))
+    missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
+    if missing:
+        contract = f"the contract is at the top of {DEFAULT}"
+        raise DataError(f"TASK {spec} defines no {', '.join(missing)}: {contract}")
+    monitor, mode = getattr(module, "MONITOR", "loss"), getattr(module, "MODE", "min")
+    if mode not in ("min", "max"):
+        raise DataError(f"TASK {spec}: MODE must be 'min' or 'max', got {mode!r}")
+    return SimpleNamespace(
+        name=spec,
+        module=module,
+        datasets=module.datasets,
+        model=module.model,
+        optimizer=module.optimizer,
+        step=module.step,
+        add_arguments=getattr(module, "add_arguments", lambda parser: None),
+        collate=getattr(module, "collate", default_collate),
+        summarize=getattr(module, "summarize", means),
+        monitor=monitor,
+        better=(lambda new, old: new < old) if mode == "min" else (lambda new, old: new > old),
+        worst=math.inf if mode == "min" else -math.inf,
+    )
+
+
+def _import(spec, root):
+    if not spec.endswith(".py"):
+        return _guarded(spec, importlib.import_module, spec)
+    path = (root / spec).resolve()
+    if not path.is_file():
+        raise DataError(f"TASK {spec}: no such file (a path relative to {root})")
+    try:
+        # Inside the project: imported by its module name, so that DataLoader workers started
+        # with spawn can unpickle the task's classes.
+        name = ".".join(path.relative_to(root.resolve()).with_suffix("").parts)
+    except ValueError:
+        file_spec = importlib.util.spec_from_file_location("task", path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules["task"] = module
+        _guarded(spec, file_spec.loader.exec_module, module)
+        return module
+    if str(root.resolve()) not in map(str, sys.path):
+        sys.path.insert(0, str(root.resolve()))
+    return _guarded(spec, importlib.import_module, name)
+
+
+def _guarded(spec, load_it, what):
+    """A task that does not import ends the job (status 2: a restart cannot fix it), with its
+    traceback from rank 0 alone."""
+    try:
+        return load_it(what)
+    except Exception as err:
+        if int(os.environ.get("RANK", 0)) != 0:
+            raise DataError("") from None
+        traceback.print_exc()
+        raise DataError(f"TASK {spec} does not import: {err}") from None
