@@ -84,7 +84,7 @@ def test_an_example_stopped_on_three_nodes_resumes_on_two_each_sample_once(proje
         task_args += " --batch-size 8"
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        data.text(folder / "text.txt", characters=160_000)
+        data.text(folder / "text.txt", characters=100_000)
         task_args = "--text /data/examples/text.txt --block-size 32 --stride 4 --width 64"
         task_args, metric = task_args + " --batch-size 32", "perplexity"
     out, report, rows = stop_and_resume(
