@@ -86,12 +86,14 @@ def example(tmp_path, name):
     return []
 
 
-@pytest.mark.parametrize("task", ["default", "resnet18", "charlm"])
-def test_three_ranks_stopped_mid_epoch_resume_as_two_and_train_each_sample_once(tmp_path, task):
+# ResNet-18 on 2 ranks, then 1: three of them overflow the 2 GB of a default node (make test).
+@pytest.mark.parametrize("task, ranks", [("default", 3), ("resnet18", 2), ("charlm", 3)])
+def test_ranks_stopped_mid_epoch_resume_as_fewer_and_train_each_sample_once(tmp_path, task, ranks):
     args = example(tmp_path, task)
-    stop_in_epoch(torchrun(tmp_path, 3, *args), tmp_path, epoch=2)
-    out = finish(torchrun(tmp_path, 2, *args))
-    assert "world size 2" in out and re.search(r"epoch 1 done, \d+ samples into the next", out)
+    stop_in_epoch(torchrun(tmp_path, ranks, *args), tmp_path, epoch=2)
+    out = finish(torchrun(tmp_path, ranks - 1, *args))
+    assert f"world size {ranks - 1}" in out
+    assert re.search(r"epoch 1 done, \d+ samples into the next", out)
     assert re.search(r"epoch 3/3 loss [0-9.]+ .*val_loss [0-9.]+", out)
     counted = samples.count(tmp_path / "log" / "samples")
     size = counted[0][1] + counted[0][2]
