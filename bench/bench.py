@@ -204,6 +204,21 @@ def bench_overhead(results):
     }
 
 
+def bench_loop(results):
+    """train_dist.py's generic loop (the task seam, sample ids, the stop vote, validation)
+    against a minimal hand-written DDP loop: same model, data, batch; 2 processes on the host,
+    interleaved."""
+    generic, minimal = [], []
+    for _ in range(REPEAT):
+        generic.append(samples_per_s(host_job(2, "train_dist.py", TRAIN_ARGS + BENCH_DIRS)))
+        minimal.append(samples_per_s(host_job(2, "minimal_ddp.py", TRAIN_ARGS)))
+    results["loop"] = {
+        "generic_samples_per_s": spread(generic),
+        "minimal_samples_per_s": spread(minimal),
+        "ratio": statistics.median(generic) / statistics.median(minimal),
+    }
+
+
 def bench_scaling(results):
     sys.path.insert(0, str(PROJECT))
     from ddp_bench.task import SmallCNN
@@ -412,7 +427,7 @@ def setup():
         check=True,
         capture_output=True,
     )
-    for name in ("join.py", "collectives.py"):
+    for name in ("join.py", "collectives.py", "minimal_ddp.py"):
         shutil.copy(HERE / name, PROJECT / name)
     run(["make", "dirs"])
     run(["make", "build", f"ENV_IMAGE={ENV_IMAGE}"])
@@ -434,6 +449,7 @@ def main():
     steps = (
         bench_startup,
         bench_overhead,
+        bench_loop,
         bench_scaling,
         bench_collectives,
         bench_rebuild,

@@ -47,6 +47,15 @@ def write_report(r, folder):
         f"| containers, 2 nodes x 1 CPU (samples/s) | {_fmt(o['container_samples_per_s'])} | |",
         f"| container / host throughput | {o['ratio']:.3f} | >= 0.95 |",
     ]
+    if "loop" in r:
+        lp = r["loop"]
+        rows += [
+            f"| host, 2 processes: the generic loop, `train_dist.py` (samples/s) | "
+            f"{_fmt(lp['generic_samples_per_s'])} | |",
+            f"| host, 2 processes: a minimal hand-written DDP loop (samples/s) | "
+            f"{_fmt(lp['minimal_samples_per_s'])} | |",
+            f"| generic / minimal loop throughput | {lp['ratio']:.3f} | >= 0.97 |",
+        ]
     for name, entry in r["threads"].items():
         rows.append(
             f"| threads {name.replace('_samples_per_s', '')} (samples/s) | {_fmt(entry)} | |"

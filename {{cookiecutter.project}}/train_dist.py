@@ -16,6 +16,7 @@ same step and rank 0 saves where it stopped, so the next start loses nothing.
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import closing
@@ -29,11 +30,13 @@ from {{ cookiecutter.package }}.data import DataError, readable_dir, writable_di
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
 from {{ cookiecutter.package }}.metrics import MetricsLog, Sums, describe
 from {{ cookiecutter.package }}.samples import SampleLog
-from {{ cookiecutter.package }}.sampling import make_loader, val_loader
+from {{ cookiecutter.package }}.sampling import default_workers, make_loader, seed_all, val_loader
+from {{ cookiecutter.package }}.steps import PRECISIONS, SCHEDULES, Stepper
 from {{ cookiecutter.package }}.tasks import positive
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
+NO_COMPILER = "--compile on CPUs needs a C++ compiler (g++, or CXX): add one or leave it out"
 
 
 def task_name(argv=None):
@@ -72,9 +75,55 @@ def parse_args(argv=None, task=None):
         default=0,
         help="also validate every N steps into an epoch (0: at epoch ends only; default 0)",
     )
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="DataLoader worker processes (default: half the CPUs of a process, up to 4: "
+        "%(default)s here)",
+    )
     p.add_argument("--backend", choices=["gloo", "nccl"], default=distributed.default_backend())
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on GPUs")
+    loop = p.add_argument_group("the training step (checkpoints keep what each needs)")
+    loop.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler); default fp32",
+    )
+    loop.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # --precision bf16
+    loop.add_argument(
+        "--accum-steps",
+        type=positive(int),
+        default=1,
+        help="batches per optimizer step (gradient accumulation); default 1",
+    )
+    loop.add_argument(
+        "--clip-grad-norm", type=float, default=0.0, help="clip gradients to this norm (0: off)"
+    )
+    loop.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="learning rate after the warmup: constant, or a cosine down to 0 at the last epoch",
+    )
+    loop.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.0,
+        help="part of the job's samples over which the learning rate rises from 0 (0: none)",
+    )
+    loop.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="weight decay, not on biases and norms (the task's optimizer applies it; default 0)",
+    )
+    loop.add_argument("--compile", action="store_true", help="torch.compile the model")
+    loop.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch's deterministic algorithms, cuDNN benchmark off (slower; README)",
+    )
     p.add_argument(
         "--progress-every",
         type=float,
@@ -90,19 +139,31 @@ def parse_args(argv=None, task=None):
         "--timeout",
         type=positive(int),
         default=120,
-        help="seconds a collective waits for a silent peer before failing (default 120)",
+        help="seconds a training step's collective waits for a silent peer (default 120)",
+    )
+    p.add_argument(
+        "--checkpoint-timeout",
+        type=positive(int),
+        default=1800,
+        help="seconds the ranks wait for a checkpoint to be read or written (default 1800)",
     )
     task.add_arguments(p.add_argument_group(f"the task's own ({task.name})"))
     if int(os.environ.get("RANK", 0)) > 0:
         # Every rank gets the same arguments: rank 0 alone prints the usage.
         p.error = lambda message: sys.exit(2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bf16:
+        args.precision = "bf16"
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup-ratio must be at least 0 and below 1, got {args.warmup_ratio}")
+    return args
 
 
 def to_device(batch, device):
     """The batch's tensors on the device, in whatever structure the task's collate made."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        # From pinned memory (GPUs) the copy runs while the host prepares the next step.
+        return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
@@ -111,42 +172,45 @@ def to_device(batch, device):
     return batch
 
 
-def run_epoch(net, loader, batches, optimizer, task, stop, after_step, device, bf16):
-    """Train the rest of an epoch, calling after_step(steps done, the step's sample ids); return
-    this rank's sums, the steps done, and whether it stopped early because a stop was agreed."""
+def run_epoch(net, loader, batches, stepper, task, stop, after_step, device):
+    """Train the rest of an epoch in optimizer steps of --accum-steps batches, calling
+    after_step(batches done, their sample ids) after each; return this rank's sums, the batches
+    done, and whether it stopped early because a stop was agreed (always between two optimizer
+    steps, so that a checkpoint never holds half a step's gradients)."""
     net.train()
-    sums = Sums(device)
-    steps = 0
+    sums, done, ids_of_step = Sums(device), 0, []
     for batch, ids in loader:
-        if stop.agreed(device):
-            return sums, steps, True
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, extra = task.step(net, to_device(batch, device))
+        if done % stepper.accum_steps == 0 and stop.agreed():
+            return sums, done, True
+        seed_all(batches.seed, batches.rank, batches.trained(done))
+        last = stepper.ends_group(done + 1, len(batches))
         # DDP averages the ranks' gradients: weighing each rank's mean by its share of the
-        # step's samples makes a short last step count every sample once, as one process would
-        # (and a rank that got only padding count for nothing).
-        weight = len(ids) * batches.world_size / batches.step_samples(steps)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        optimizer.step()
+        # step's samples makes a short step count every sample once, as one process would (and
+        # a rank that got only padding count for nothing).
+        weight = len(ids) * batches.world_size / batches.group_samples(done, stepper.accum_steps)
+        loss, extra = stepper.backward(net, task, to_device(batch, device), weight, last)
         if len(ids):
             sums.add("loss", loss.detach() * len(ids))
             sums.add("samples", len(ids))
             for name, value in extra.items():
                 sums.add(name, value)
-        steps += 1
-        after_step(steps, ids)
-    return sums, steps, False
+        done += 1
+        ids_of_step.append(ids)
+        if last:
+            stepper.step(batches.trained(done))
+            after_step(done, torch.cat(ids_of_step))
+            ids_of_step = []
+    return sums, done, False
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, device, bf16):
+def evaluate(model, loader, task, stepper, device):
     """The task's validation metrics (val_...) over every rank: each sample once."""
     distributed.sync_buffers(model)
     model.eval()
     sums = Sums(device)
     for batch, ids in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with stepper.autocast():
             loss, extra = task.step(model, to_device(batch, device))
         sums.add("loss", loss.detach() * len(ids))
         sums.add("samples", len(ids))
@@ -161,24 +225,26 @@ def train(args, task, stop):
     """Train; return 0 when done, or the exit status of a stop that was asked for."""
     # init: one process group across the job's ranks, or none under plain `python`
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world_size = distributed.init(args.backend, args.timeout) if ddp else (0, 1)
+    if ddp:
+        rank, world_size = distributed.init(args.backend, args.timeout, args.checkpoint_timeout)
+    else:
+        rank, world_size = 0, 1
     master_process = rank == 0
-    device = distributed.pick_device(args.backend, rank)
-    torch.manual_seed(args.seed)
+    device = distributed.pick_device(args.backend, rank, args.deterministic)
+    seed_all(args.seed)
 
     # data: the task's datasets; a problem a restart cannot fix ends every rank with status 2
-    with distributed.fail_together(device):
+    with distributed.fail_together():
         setup_logging(rank, args.log_dir)
         if master_process:
             writable_dir(args.checkpoint_dir)
         readable_dir(args.data_dir)
         train_set, val_set = task.datasets(args)
-    loader, batches = make_loader(
-        train_set, args.batch_size, rank, world_size, args.seed, args.workers, task.collate
-    )
+    shape = dict(workers=args.workers, collate=task.collate, pin=device.type == "cuda")
+    loader, batches = make_loader(train_set, args.batch_size, rank, world_size, args.seed, **shape)
     val = None
     if val_set is not None and len(val_set):
-        val = val_loader(val_set, args.batch_size, rank, world_size, args.workers, task.collate)
+        val = val_loader(val_set, args.batch_size, rank, world_size, **shape)
     log.info(
         "world size %d, backend %s, task %s: %d training samples, %d validation",
         world_size,
@@ -188,16 +254,31 @@ def train(args, task, stop):
         len(val_set) if val else 0,
     )
 
-    # model, resumed from the newest checkpoint: rank 0 reads it and sends it to every rank
-    torch.manual_seed(args.seed)
+    # model and its step, resumed from the newest checkpoint: rank 0 reads it and sends it to
+    # every rank
+    seed_all(args.seed)
     model = task.model(args).to(device)
     optimizer = task.optimizer(model, args)
+    ddp_net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else None
+    stepper = Stepper(
+        optimizer,
+        device,
+        ddp_net,
+        args.precision,
+        args.accum_steps,
+        args.clip_grad_norm,
+        args.schedule,
+        args.warmup_ratio,
+        total=args.epochs * len(train_set),
+    )
     state, path = None, None
-    with distributed.fail_together(device):
+    with distributed.fail_together():
         if master_process:
             state, path = checkpoint.load_latest(args.checkpoint_dir)
     state = distributed.from_rank_0(state)
     resumed = checkpoint.restore(state, model, optimizer, args.batch_size * world_size)
+    stepper.load_state_dict(state)
+    distributed.wait_for_rank_0()  # and for every other rank to have unpacked the checkpoint
     if resumed.seed not in (None, args.seed):
         # The epoch's order comes from the seed: another one would train some samples twice.
         message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
@@ -209,27 +290,33 @@ def train(args, task, stop):
             resumed.epoch,
             resumed.samples,
         )
-    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
+    net = ddp_net or model
+    if args.compile:
+        if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+            raise DataError(NO_COMPILER if master_process else "")
+        net = torch.compile(net)
 
     # loop: an epoch at a time, validated and saved; a stop asked of any rank ends all at the
     # same step
     stopped, metrics = False, resumed.metrics
+    # Saves and validation inside an epoch count optimizer steps.
     saver = checkpoint.Saver(
         args.checkpoint_dir,
         args.keep,
-        args.save_every_steps,
+        args.save_every_steps * args.accum_steps,
         model,
         optimizer,
         batches,
         resumed,
         enabled=master_process,
+        extra=stepper.state_dict,
     )
     sample_log = SampleLog(args.log_dir, rank, enabled=args.record_samples)
     with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log, sample_log:
 
         def validate():
             """The validation metrics, named val_...; the monitored one must be among them."""
-            values = evaluate(model, val, task, device, args.bf16)
+            values = evaluate(model, val, task, stepper, device)
             if f"val_{task.monitor}" not in values:
                 message = f"the task's MONITOR {task.monitor!r} is not one of {sorted(values)}"
                 raise DataError(message if master_process else "")
@@ -242,7 +329,8 @@ def train(args, task, stop):
         def after_step(steps, ids):
             sample_log.add(ids)
             saver.midway(steps)
-            if val and args.val_every_steps and steps % args.val_every_steps == 0:
+            every = args.val_every_steps * args.accum_steps
+            if val and every and steps % every == 0:
                 values, done = validate(), batches.position(steps)
                 epochs_done = done["epoch"] + done["samples"] / len(train_set)
                 trained = done["epoch"] * len(train_set) + done["samples"]
@@ -255,7 +343,7 @@ def train(args, task, stop):
             started = time.perf_counter()
             shown = progress(loader, batches, epoch, args.epochs, args.progress_every)
             sums, steps, stopped = run_epoch(
-                net, shown, batches, optimizer, task, stop, after_step, device, args.bf16
+                net, shown, batches, stepper, task, stop, after_step, device
             )
             if stopped:
                 saver.stopped(steps)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from {{ cookiecutter.package }}.data import DataError
-from {{ cookiecutter.package }}.tasks import means, positive
+from {{ cookiecutter.package }}.tasks import means, param_groups, positive
 
 MONITOR, MODE = "loss", "min"
 TEXT = Path(__file__).resolve().parent / "data" / "public-domain.txt"
@@ -32,7 +32,7 @@ def add_arguments(parser):
     parser.add_argument("--stride", type=positive(int), default=8, help="(8)")
     parser.add_argument("--layers", type=positive(int), default=2, help="(2)")
     parser.add_argument("--width", type=positive(int), default=128, help="(128)")
-    parser.set_defaults(lr=3e-3)
+    parser.set_defaults(lr=3e-3, weight_decay=0.01)
 
 
 class Chunks(Dataset):
@@ -94,7 +94,7 @@ def model(args):
 
 
 def optimizer(model, args):
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
 
 
 def step(model, batch):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from {{ cookiecutter.package }}.data import DataError, readable_dir
+from {{ cookiecutter.package }}.tasks import param_groups
 
 MONITOR, MODE = "accuracy", "max"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -33,11 +34,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def add_arguments(parser):
     parser.add_argument("--image-size", type=image_size, default=224, help="64 or more (224)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="(1e-4)")
     parser.add_argument(
         "--sync-bn", action="store_true", help="SyncBatchNorm across ranks (GPUs only)"
     )
-    parser.set_defaults(lr=0.1)
+    parser.set_defaults(lr=0.1, weight_decay=1e-4)
 
 
 def image_size(text):
@@ -98,14 +98,7 @@ def model(args):
 
 
 def optimizer(model, args):
-    # No weight decay on BatchNorm's weights and on biases: decaying them only hurts.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
 
 
 def step(model, batch):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,65 @@ def test_a_task_that_does_not_import_shows_its_traceback_and_is_not_retried(tmp_
     assert result.returncode == 2  # a restart cannot fix it
     assert "Traceback" in result.stderr and "ValueError: my bug" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"ERROR: TASK {broken} does not import: my bug"
+
+
+def test_compile_trains_or_says_what_it_lacks(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = _train(tmp_path, "--epochs=1", "--samples=128", "--compile")
+    if shutil.which(os.environ.get("CXX", "g++")):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "final loss" in result.stdout
+    else:  # an image without a compiler: one line, no traceback, not retried
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (
+            "ERROR: --compile on CPUs needs a C++ compiler (g++, or CXX): add one or leave it out"
+        )
+
+
+def test_fp16_trains_and_its_checkpoint_keeps_the_scaler(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = _train(tmp_path, "--epochs=1", "--precision=fp16", "--accum-steps=2")
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(tmp_path / "ckpt" / "ckpt-epoch0001.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 1
+
+
+# Rank 0's checkpoint reads and writes, 6 s each: loaded into every process of the job.
+SLOW_DISK = """
+import time
+from {{ cookiecutter.package }} import checkpoint
+
+def slowly(call):
+    def slow(*args, **kwargs):
+        time.sleep(6)
+        return call(*args, **kwargs)
+    return slow
+
+checkpoint.load_latest, checkpoint.write = slowly(checkpoint.load_latest), slowly(checkpoint.write)
+"""
+
+
+def test_a_checkpoint_slower_to_read_and_write_than_the_step_timeout_is_waited_for(tmp_path):
+    # --timeout 3 bounds a training step's collectives; rank 0 takes 6 s for each read and write.
+    (tmp_path / "data").mkdir()
+    job = ["--samples=256", "--batch-size=32", "--save-every-steps=0", *folders(tmp_path)]
+    first = run(*TORCHRUN_2, "--epochs=1", *job)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_DISK)
+    slow = os.pathsep.join([str(tmp_path / "slow"), str(ROOT)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": slow}
+    env.pop("RANK", None)
+    second = subprocess.run(
+        [*TORCHRUN_2, "--epochs=2", "--timeout=3", *job],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "epoch 2/2" in second.stdout
 
 
 def test_torchrun_two_processes_loss_decreases(tmp_path):

@@ -100,13 +100,17 @@ def test_ranks_stopped_mid_epoch_resume_as_fewer_and_train_each_sample_once(tmp_
     assert counted == [(epoch, size, 0, 0) for epoch in (1, 2, 3)]
 
 
+# What a resume must carry on exactly: the schedule's place, the accumulated step, clipping.
+LOOP = ["--schedule=cosine", "--warmup-ratio=0.1", "--accum-steps=2", "--clip-grad-norm=1.0"]
+
+
 def test_stops_at_the_same_world_size_end_with_the_uninterrupted_weights(tmp_path):
     for run in ("whole", "stopped"):
         (tmp_path / run / "data").mkdir(parents=True)
-    whole = finish(torchrun(tmp_path / "whole", 2))
-    stop_in_epoch(torchrun(tmp_path / "stopped", 2), tmp_path / "stopped", epoch=1)
-    stop_in_epoch(torchrun(tmp_path / "stopped", 2), tmp_path / "stopped", epoch=2)
-    resumed = finish(torchrun(tmp_path / "stopped", 2))
+    whole = finish(torchrun(tmp_path / "whole", 2, *LOOP))
+    stop_in_epoch(torchrun(tmp_path / "stopped", 2, *LOOP), tmp_path / "stopped", epoch=1)
+    stop_in_epoch(torchrun(tmp_path / "stopped", 2, *LOOP), tmp_path / "stopped", epoch=2)
+    resumed = finish(torchrun(tmp_path / "stopped", 2, *LOOP))
     assert fingerprint(resumed) == fingerprint(whole)
     assert [row[1:] for row in samples.count(tmp_path / "stopped" / "log" / "samples")] == [
         (SAMPLES, 0, 0)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from {{ cookiecutter.package }}.data import DataError
+from {{ cookiecutter.package }}.distributed import wait_for_rank_0
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
@@ -176,11 +177,13 @@ class Saver:
     and best.pt when validation improves on the best so far. `batches`
     (sampling.EpochBatches) says where training stands."""
 
-    def __init__(self, directory, keep, every, model, optimizer, batches, resumed, enabled):
+    def __init__(
+        self, directory, keep, every, model, optimizer, batches, resumed, enabled, extra=dict
+    ):
         self.directory, self.keep, self.every = Path(directory), keep, every
         self.model, self.optimizer, self.batches = model, optimizer, batches
         self.metrics, self.best_value = resumed.metrics, resumed.best
-        self.enabled = enabled
+        self.enabled, self.extra = enabled, extra
 
     def epoch_done(self, metrics):
         self.metrics = metrics
@@ -210,13 +213,19 @@ class Saver:
             return
         self.best_value = value
         if self.enabled:
-            where = self.batches.position(steps)
-            now = state(self.model, self.optimizer, where, self.metrics, value)
+            now = self._state(self.batches.position(steps))
             path = write(now, self.directory / BEST)
             log.info("best %s so far (%.4f): saved %s", name, value, path)
+        wait_for_rank_0()
+
+    def _state(self, where):
+        now = state(self.model, self.optimizer, where, self.metrics, self.best_value)
+        return {**now, **self.extra()}
 
     def _save(self, where):
+        path = None
         if self.enabled:
-            now = state(self.model, self.optimizer, where, self.metrics, self.best_value)
-            return save(now, self.directory, where["epoch"], where["samples"], self.keep)
-        return None
+            now = self._state(where)
+            path = save(now, self.directory, where["epoch"], where["samples"], self.keep)
+        wait_for_rank_0()
+        return path

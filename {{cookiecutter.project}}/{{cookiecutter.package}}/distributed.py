@@ -21,12 +21,24 @@ log = logging.getLogger(__name__)
 # The status of the ranks that stopped because another rank was asked to (docker/launch.py knows
 # it too): torchrun re-forms the job without the node that left, and counts no failure.
 PEER_STOPPED = 75
+# The control group: gloo, on the CPU, with a bound of its own. It carries what is not a training
+# step: stop votes, errors, metrics, the checkpoint rank 0 sends and the wait for its saves. The
+# training group's bound (--timeout) is for a silent peer in a step; a checkpoint of a few GB on a
+# slow disk may take longer to read or write than that.
+_control = None
 
 
-def init(backend, timeout_s):
-    """Join the job's process group (torchrun's environment); return (rank, world size)."""
+def init(backend, timeout_s, control_timeout_s):
+    """Join the job's process groups (torchrun's environment); return (rank, world size)."""
+    global _control
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def control():
+    """The control group (None, the default group, before init: a test's own group)."""
+    return _control
 
 
 def default_backend():
@@ -39,42 +51,64 @@ def default_backend():
     return "nccl" if gpus >= processes else "gloo"
 
 
-def pick_device(backend, rank):
-    """CPU for gloo; for nccl, GPU `rank mod GPUs`.
+def pick_device(backend, rank, deterministic=False):
+    """CPU for gloo; for nccl, GPU `rank mod GPUs`. `deterministic`: torch's deterministic
+    algorithms (an error for an operation that has none), cuDNN's benchmark off.
 
     Not LOCAL_RANK: on one host every Compose node sees all GPUs and runs local rank 0, so
     LOCAL_RANK would put every node on GPU 0. With one node per host and NPROC_PER_NODE equal
     to its GPUs, rank mod GPUs is LOCAL_RANK.
     """
+    if deterministic:
+        # cuBLAS needs this workspace setting for reproducible results; read at CUDA's start.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if backend != "nccl":
         return torch.device("cpu")
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    # Fixed input shapes: let cuDNN pick its fastest kernels once.
-    torch.backends.cudnn.benchmark = True
+    # Fixed input shapes: let cuDNN pick its fastest kernels once (not the same from run to run).
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
     return device
 
 
 def from_rank_0(obj):
-    """Rank 0's `obj` on every rank."""
+    """Rank 0's `obj` on every rank (on the CPU), bounded by the control group's timeout."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control, device=torch.device("cpu"))
     return box[0]
 
 
-def any_rank(flag, device):
+def any_rank(flag):
     """True on every rank as soon as `flag` is true on one of them."""
     if not dist.is_initialized():
         return bool(flag)
-    votes = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control)
     return bool(votes.item())
 
 
+def gather(obj):
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj, group=_control)
+    return everyone
+
+
+def wait_for_rank_0():
+    """Until rank 0 is here too: after its saves, so that the next training step's collective,
+    bounded by --timeout, does not count the time rank 0 spent writing."""
+    if dist.is_initialized():
+        dist.barrier(group=_control)
+
+
 @contextmanager
-def fail_together(device):
+def fail_together():
     """A DataError (missing data, an unwritable folder) on one rank stops every rank with it.
 
     The others would otherwise wait in their next collective until it times out, and torchrun
@@ -83,9 +117,9 @@ def fail_together(device):
     try:
         yield
     except DataError:
-        any_rank(True, device)
+        any_rank(True)
         raise
-    if any_rank(False, device):
+    if any_rank(False):
         raise DataError("")
 
 
@@ -99,22 +133,45 @@ class GracefulStop:
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._vote = self._votes = None
 
     def __enter__(self):
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, error, *exc):
+        # A vote still under way must end before its group does; after an error (a peer gone
+        # silent, say) it may never end, and the process is on its way out anyway.
+        if self._vote is not None and error is None:
+            self._vote.wait()
+        self._vote = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def agreed(self, device):
-        """True on every rank as soon as any rank was asked to stop."""
-        return any_rank(self.signal is not None, device)
+    def agreed(self):
+        """True on every rank, at the same call, once any rank was asked to stop.
+
+        Each call reads the vote the call before started and starts the next one: an
+        asynchronous all-reduce of a CPU tensor on the control group, which has had a whole
+        step to arrive. A vote read in the same step (an all-reduce and .item() of a GPU tensor)
+        would make the host wait for the GPU at every step, and the GPU then idle while the
+        host prepares the next one. The cost is one step: a stop lands a step later.
+        """
+        if not dist.is_initialized():
+            return self.signal is not None
+        agreed = False
+        if self._vote is not None:
+            self._vote.wait()
+            agreed = bool(self._votes.item())
+        self._votes = torch.tensor([int(self.signal is not None)])
+        self._vote = dist.all_reduce(
+            self._votes, op=dist.ReduceOp.MAX, group=_control, async_op=True
+        )
+        return agreed
 
     def exit_status(self):
         """The signal's status on the rank that got it; PEER_STOPPED on the others, so that
@@ -141,11 +198,7 @@ def fingerprint(model):
 
 def check_in_step(model):
     """Log each rank's host and weight fingerprint; fail if the weights differ."""
-    mine = (os.uname().nodename, fingerprint(model))
-    everyone = [mine]
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+    everyone = gather((os.uname().nodename, fingerprint(model)))
     log.info("weights by rank: %s", " ".join(f"{r}@{h}={f}" for r, (h, f) in enumerate(everyone)))
     if len({f for _, f in everyone}) != 1:
         raise RuntimeError("ranks ended with different weights")
@@ -159,6 +212,8 @@ def shutdown():
     ("terminate called without an active exception") after a job that finished. The group dies
     with its last reference: DDP can hold one in a reference cycle, hence the collection.
     """
+    global _control
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None

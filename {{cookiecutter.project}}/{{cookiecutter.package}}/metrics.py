@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from {{ cookiecutter.package }}.distributed import gather
 
 log = logging.getLogger(__name__)
 # Written by the loop, not by a task's summarize(): shown last, or not at all on the log line.
@@ -33,10 +34,7 @@ class Sums:
     def over_ranks(self):
         """Every sum added up over the ranks (a rank may lack a name: one that had no
         samples). One exchange of a few numbers: meant for the end of a phase."""
-        everyone = [{name: float(value) for name, value in self.values.items()}]
-        if dist.is_initialized():
-            mine, everyone = everyone[0], [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+        everyone = gather({name: float(value) for name, value in self.values.items()})
         total = {}
         for sums in everyone:
             for name, value in sums.items():

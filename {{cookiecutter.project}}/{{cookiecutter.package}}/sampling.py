@@ -12,26 +12,57 @@ needs every rank in every step).
 
 Validation deals a dataset's indices over the ranks once, without padding: every sample is
 evaluated exactly once.
+
+Randomness in the data (augmentation) and in the model (dropout) is seeded from what is being
+trained: each batch from the run's seed and its sample ids, where it is loaded (this process or
+a DataLoader worker), each training step from the seed, the rank and the position. So a resumed
+job draws what the uninterrupted one drew, with no random state in checkpoints.
 """
+
+import os
+import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+try:
+    import numpy
+except ImportError:  # numpy is optional for torch
+    numpy = None
+
 PAD = -1
+
+
+def seed_all(*parts):
+    """Seed Python's, numpy's and torch's generators (CUDA's on the current device too) from
+    `parts` (whole numbers). Python's hash of a tuple of ints is the same in every process."""
+    seed = hash(parts) & (2**63 - 1)
+    random.seed(seed)
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+    # Not torch.manual_seed: it also seeds every CUDA device, 80 us a call here.
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
 
 
 class WithIds(Dataset):
     """(id, sample) for each index: the ids that exactly-once needs, outside the task's dataset.
-    PAD stands in for a sample (the first one)."""
+    PAD stands in for a sample (the first one). A batch is loaded with the generators seeded
+    from the run's seed and its ids."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
         return index, self.dataset[max(index, 0)]
+
+    def __getitems__(self, indices):
+        seed_all(self.seed, *indices)
+        return [self[index] for index in indices]
 
 
 class Collate:
@@ -75,6 +106,17 @@ class EpochBatches:
         per_step of a full step, fewer in the last one."""
         return min(self.per_step, self.size - self.consumed - steps * self.per_step)
 
+    def group_samples(self, steps, group):
+        """Real samples over every rank in the group of `group` steps (an optimizer step with
+        accumulation) that holds the step after `steps` steps of this start."""
+        first = steps - steps % group
+        return sum(self.step_samples(s) for s in range(first, min(first + group, len(self))))
+
+    def trained(self, steps):
+        """Samples of the job trained after `steps` steps of this start (all earlier epochs'
+        included)."""
+        return self.epoch * self.size + min(self.size, self.consumed + steps * self.per_step)
+
     def __iter__(self):
         rest = self.order()[self.consumed :]
         for start in range(0, len(rest), self.per_step):
@@ -100,20 +142,26 @@ class EpochBatches:
         }
 
 
-def make_loader(dataset, batch_size, rank, world_size, seed, workers=0, collate=default_collate):
-    """A loader of (batch, ids) and its batches; call batches.set_epoch each epoch."""
+def make_loader(
+    dataset, batch_size, rank, world_size, seed, workers=0, collate=default_collate, pin=False
+):
+    """A loader of (batch, ids) and its batches; call batches.set_epoch each epoch. `pin`:
+    batches in page-locked memory, which a GPU copies from while the host goes on."""
     batches = EpochBatches(len(dataset), batch_size, rank, world_size, seed)
     loader = DataLoader(
-        WithIds(dataset),
+        WithIds(dataset, seed),
         batch_sampler=batches,
         collate_fn=Collate(collate),
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin,
     )
     return loader, batches
 
 
-def val_loader(dataset, batch_size, rank, world_size, workers=0, collate=default_collate):
+def val_loader(
+    dataset, batch_size, rank, world_size, workers=0, collate=default_collate, pin=False
+):
     """This rank's share of a validation set: every world_size-th sample from `rank` on, so
     that the ranks evaluate each sample exactly once (some ranks one fewer; none padded)."""
     return DataLoader(
@@ -123,4 +171,12 @@ def val_loader(dataset, batch_size, rank, world_size, workers=0, collate=default
         collate_fn=Collate(collate),
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin,
     )
+
+
+def default_workers():
+    """DataLoader workers per process from the CPUs each has (the launcher sets
+    OMP_NUM_THREADS from the node's CPU limit): none on 1 CPU, half of them up to 4."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    return min(4, threads // 2)

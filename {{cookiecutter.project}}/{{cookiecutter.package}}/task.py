@@ -8,7 +8,10 @@ What train_dist.py calls, on every rank:
                                      Map-style so that every sample is trained once per epoch,
                                      whatever the stops and world sizes: the loop deals indices.
     model(args) -> nn.Module         built on the CPU; the loop moves it and wraps it in DDP.
-    optimizer(model, args)           the optimizer, with its parameter groups.
+    optimizer(model, args)           the optimizer, with its parameter groups (tasks.param_groups
+                                     applies --weight-decay to weights, not biases and norms).
+                                     The loop sets the groups' learning rate at every step
+                                     (--schedule, --warmup-ratio), from the one they start with.
     step(model, batch) -> (loss, sums)
                                      `batch` is collate()'s output, on the training device; in
                                      training `model` is the DDP wrapper: call it, not its other
@@ -39,7 +42,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from {{ cookiecutter.package }}.data import DataError, readable_dir
-from {{ cookiecutter.package }}.tasks import positive
+from {{ cookiecutter.package }}.tasks import param_groups, positive
 
 IMAGE_SIZE = 32
 MONITOR, MODE = "accuracy", "max"
@@ -102,7 +105,7 @@ def model(args):
 
 
 def optimizer(model, args):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    return torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
 
 
 def step(model, batch):
