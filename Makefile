@@ -37,7 +37,7 @@ demo: venv ## Render the default project into build/demo and run its `make up`
 	$(VENV)/bin/cookiecutter --no-input --output-dir $(DEMO_DIR) . $(DEMO_ANSWERS)
 	$(MAKE) -C $(DEMO_DIR)/ddp-project up ENV_IMAGE=$(ENV_IMAGE)
 
-bench: standin-image ## Measure start-up, overhead, scaling, collectives, rebuilds (bench/results.*)
+bench: standin-image ## Measure start-up, overhead, the loop, scaling, collectives, rebuilds (bench/results.*)
 	$(VENV)/bin/python bench/bench.py
 
 SOAK_HOST_RUNS ?= 200

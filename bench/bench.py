@@ -1,5 +1,5 @@
-"""`make bench`: start-up, overhead, scaling, collectives, rebuild, elastic events and the peer
-(TorchX), measured in one run.
+"""`make bench`: start-up, overhead, the training loop, scaling, collectives, rebuild, elastic
+events and the peer (TorchX), measured in one run.
 
 Renders the default project (Python 3.11) into build/bench, builds it on the stand-in env image
 (the conda env stage is the one part replaced, as in the tests), and writes bench/results.json,
@@ -27,6 +27,9 @@ PROJECT = WORK / "ddp-bench"
 ENV_IMAGE = os.environ.get("STANDIN_IMAGE", "ddp-template-env:standin")
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 TRAIN_ARGS = "--epochs 3 --samples 4096 --batch-size 64"
+# Loop comparisons look for a few per cent: more epochs (one is ~0.6 s) and more runs.
+LOOP_ARGS = "--epochs 10 --samples 4096 --batch-size 64"
+LOOP_PAIRS = max(REPEAT, 10)
 SIZES = [4096 * 4**i for i in range(8)]  # 4 KB .. 64 MB
 
 
@@ -90,24 +93,24 @@ def epoch(stamp):
     return datetime.fromisoformat(f"{whole}.{fraction[:6]:0<6}+00:00").timestamp()
 
 
-def host_job(nprocs, script, args, threads=1):
+def host_job(nprocs, script, args, threads=1, pin=False):
+    """A job of `nprocs` processes on the host under torchrun; `pin`: rank r on core r alone
+    (taskset), so that the ranks' threads do not take turns on each other's core."""
     shutil.rmtree(WORK / "bench-ckpt", ignore_errors=True)  # no resume: every run trains
     env = {"OMP_NUM_THREADS": str(threads)}
     env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nprocs}",
-        script,
-        *args.split(),
-    ]
-    return run(cmd, env=env).stdout
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch.append(f"--nproc-per-node={nprocs}")
+    if pin:
+        cores = os.cpu_count()
+        pinned = f'exec taskset -c $((LOCAL_RANK % {cores})) "{sys.executable}" "$@"'
+        launch += ["--no-python", "bash", "-c", pinned, "pinned"]
+    return run([*launch, script, *args.split()], env=env).stdout
 
 
 def samples_per_s(log):
-    rates = [float(x) for x in re.findall(r"samples/s (\d+)", log)]
+    # Epoch lines only: train_dist.py's "final" line repeats the last epoch's.
+    rates = [float(x) for x in re.findall(r"\bepoch \d+\S* .*?samples/s (\d+)", log)]
     if len(rates) < 2:
         sys.exit(f"bench: no throughput in the log:\n{log[-2000:]}")
     return statistics.median(rates[1:])  # the first epoch pays for warm-up
@@ -204,18 +207,39 @@ def bench_overhead(results):
     }
 
 
+def interleaved(first, second, args, pairs):
+    """samples/s of two host jobs (2 processes, pinned) run turn about `pairs` times, and the
+    median of each pair's ratio first/second. This machine's throughput drifts by +-10% over
+    minutes; the two runs of a pair see the same drift, and every other pair runs them in the
+    other order."""
+    a, b = [], []
+    for pair in range(pairs):
+        for script in (first, second) if pair % 2 == 0 else (second, first):
+            rate = samples_per_s(host_job(2, script, args, pin=True))
+            (a if script == first else b).append(rate)
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return spread(a), spread(b), {**spread(ratios), "pairs": pairs}
+
+
 def bench_loop(results):
-    """train_dist.py's generic loop (the task seam, sample ids, the stop vote, validation)
-    against a minimal hand-written DDP loop: same model, data, batch; 2 processes on the host,
-    interleaved."""
-    generic, minimal = [], []
-    for _ in range(REPEAT):
-        generic.append(samples_per_s(host_job(2, "train_dist.py", TRAIN_ARGS + BENCH_DIRS)))
-        minimal.append(samples_per_s(host_job(2, "minimal_ddp.py", TRAIN_ARGS)))
+    """train_dist.py's generic loop (the task seam, sample ids, the stop vote, metrics, seeds)
+    against a minimal hand-written DDP loop: same model, data, batch. And the asynchronous stop
+    vote against the synchronous one it replaced (sync_vote.py). Both only time the epochs'
+    training (validation and saves fall outside)."""
+    args = LOOP_ARGS + BENCH_DIRS
+    generic, minimal, ratio = interleaved("train_dist.py", "minimal_ddp.py", args, LOOP_PAIRS)
     results["loop"] = {
-        "generic_samples_per_s": spread(generic),
-        "minimal_samples_per_s": spread(minimal),
-        "ratio": statistics.median(generic) / statistics.median(minimal),
+        "generic_samples_per_s": generic,
+        "minimal_samples_per_s": minimal,
+        "ratio": ratio["median"],
+        "ratios": ratio,
+    }
+    async_vote, sync_vote, ratio = interleaved("train_dist.py", "sync_vote.py", args, LOOP_PAIRS)
+    results["stop_vote"] = {
+        "async_samples_per_s": async_vote,
+        "sync_samples_per_s": sync_vote,
+        "ratio": ratio["median"],
+        "ratios": ratio,
     }
 
 
@@ -427,7 +451,7 @@ def setup():
         check=True,
         capture_output=True,
     )
-    for name in ("join.py", "collectives.py", "minimal_ddp.py"):
+    for name in ("join.py", "collectives.py", "minimal_ddp.py", "sync_vote.py"):
         shutil.copy(HERE / name, PROJECT / name)
     run(["make", "dirs"])
     run(["make", "build", f"ENV_IMAGE={ENV_IMAGE}"])

@@ -49,12 +49,24 @@ def write_report(r, folder):
     ]
     if "loop" in r:
         lp = r["loop"]
+        pairs = f"median of {lp['ratios']['pairs']} interleaved pairs ({_fmt(lp['ratios'])})"
         rows += [
-            f"| host, 2 processes: the generic loop, `train_dist.py` (samples/s) | "
+            f"| host, 2 pinned processes: the generic loop, `train_dist.py` (samples/s) | "
             f"{_fmt(lp['generic_samples_per_s'])} | |",
-            f"| host, 2 processes: a minimal hand-written DDP loop (samples/s) | "
+            f"| host, 2 pinned processes: a minimal hand-written DDP loop (samples/s) | "
             f"{_fmt(lp['minimal_samples_per_s'])} | |",
-            f"| generic / minimal loop throughput | {lp['ratio']:.3f} | >= 0.97 |",
+            f"| generic / minimal loop throughput, {pairs} | {lp['ratio']:.3f} | >= 0.97 |",
+        ]
+    if "stop_vote" in r:
+        sv = r["stop_vote"]
+        pairs = f"median of {sv['ratios']['pairs']} interleaved pairs ({_fmt(sv['ratios'])})"
+        rows += [
+            f"| host, 2 pinned processes: stop vote read a step later (samples/s) | "
+            f"{_fmt(sv['async_samples_per_s'])} | |",
+            f"| host, 2 pinned processes: stop vote read in its step, as before (samples/s) | "
+            f"{_fmt(sv['sync_samples_per_s'])} | |",
+            f"| asynchronous / synchronous stop vote throughput, {pairs} | {sv['ratio']:.3f} | "
+            f">= 1 |",
         ]
     for name, entry in r["threads"].items():
         rows.append(

@@ -29,6 +29,18 @@ RESULTS = {
         "container_samples_per_s": spread(2550.0),
         "ratio": 0.98,
     },
+    "loop": {
+        "generic_samples_per_s": spread(7000.0),
+        "minimal_samples_per_s": spread(7200.0),
+        "ratio": 0.97,
+        "ratios": {**spread(0.97), "pairs": 10},
+    },
+    "stop_vote": {
+        "async_samples_per_s": spread(7100.0),
+        "sync_samples_per_s": spread(7000.0),
+        "ratio": 1.01,
+        "ratios": {**spread(1.01), "pairs": 10},
+    },
     "threads": {
         "from_cgroup_limit_samples_per_s": spread(2550.0),
         "from_host_cores_2_samples_per_s": spread(1900.0),
@@ -70,6 +82,12 @@ def test_report_writes_a_table_and_a_plot(tmp_path):
     assert "| - of which: last worker had imported torch (s) | 8.25 | |" in table
     assert "0.5 CPU: the floor of a 4-node start-up (s) | 7.00 (6.30–7.70) |" in table
     assert "| container / host throughput | 0.980 | >= 0.95 |" in table
+    assert (
+        "| generic / minimal loop throughput, median of 10 interleaved pairs "
+        "(0.97 (0.87–1.07)) | 0.970 | >= 0.97 |" in table
+    )
+    assert "| asynchronous / synchronous stop vote throughput, median of 10" in table
+    assert "| 1.010 | >= 1 |" in table
     assert "| 64 KB |" in table and "| 65536 KB |" in table
     assert "to training again on 2 nodes (3-node job) (s) | 5.00 (4.50–5.50) | < 10 |" in table
     assert "TorchX `dist.ddp` on local_docker, as shipped" in table

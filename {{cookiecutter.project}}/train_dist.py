@@ -190,10 +190,7 @@ def run_epoch(net, loader, batches, stepper, task, stop, after_step, device):
         weight = len(ids) * batches.world_size / batches.group_samples(done, stepper.accum_steps)
         loss, extra = stepper.backward(net, task, to_device(batch, device), weight, last)
         if len(ids):
-            sums.add("loss", loss.detach() * len(ids))
-            sums.add("samples", len(ids))
-            for name, value in extra.items():
-                sums.add(name, value)
+            sums.add_batch(loss, len(ids), extra)
         done += 1
         ids_of_step.append(ids)
         if last:
@@ -212,10 +209,7 @@ def evaluate(model, loader, task, stepper, device):
     for batch, ids in loader:
         with stepper.autocast():
             loss, extra = task.step(model, to_device(batch, device))
-        sums.add("loss", loss.detach() * len(ids))
-        sums.add("samples", len(ids))
-        for name, value in extra.items():
-            sums.add(name, value)
+        sums.add_batch(loss, len(ids), extra)
     model.train()
     totals = sums.over_ranks()
     return {f"val_{name}": value for name, value in task.summarize(totals).items()}
@@ -331,10 +325,8 @@ def train(args, task, stop):
             saver.midway(steps)
             every = args.val_every_steps * args.accum_steps
             if val and every and steps % every == 0:
-                values, done = validate(), batches.position(steps)
-                epochs_done = done["epoch"] + done["samples"] / len(train_set)
-                trained = done["epoch"] * len(train_set) + done["samples"]
-                metrics_log.record(epochs_done, args.epochs, values, trained, midway=True)
+                values, trained = validate(), batches.trained(steps)
+                metrics_log.record(trained / len(train_set), args.epochs, values, trained, True)
                 best(values, steps)
 
         for epoch in range(resumed.epoch, args.epochs):

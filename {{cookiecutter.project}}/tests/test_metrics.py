@@ -46,6 +46,15 @@ def test_sums_add_tensors_and_numbers_in_one_process():
     assert sums.over_ranks() == {"loss": 6.0, "samples": 12.0, "correct": 2.0}
 
 
+def test_sums_add_batch_weighs_each_mean_loss_by_its_samples():
+    sums = Sums(torch.device("cpu"))
+    sums.add_batch(torch.tensor(1.0), 3, {"correct": torch.tensor(2)})
+    sums.add_batch(torch.tensor(3.0), 1, {"correct": torch.tensor(1)})
+    totals = sums.over_ranks()
+    assert totals == {"loss": 6.0, "samples": 4.0, "correct": 3.0}
+    assert totals["loss"] / totals["samples"] == 1.5  # not (1 + 3) / 2
+
+
 def test_plot_writes_a_png_with_a_panel_for_each_metric(tmp_path, monkeypatch):
     source = tmp_path / "metrics.jsonl"
     rows = [{"epoch": e, "loss": 1 / e, "accuracy": e / 4, "val_perplexity": e} for e in (1, 2)]

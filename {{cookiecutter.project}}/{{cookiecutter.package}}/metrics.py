@@ -31,6 +31,13 @@ class Sums:
         else:
             self.values[name] = value.clone() if isinstance(value, torch.Tensor) else value
 
+    def add_batch(self, loss, samples, extra):
+        """A batch's share: its mean loss times its samples, its samples, and the task's sums."""
+        self.add("loss", loss.detach() * samples)
+        self.add("samples", samples)
+        for name, value in extra.items():
+            self.add(name, value)
+
     def over_ranks(self):
         """Every sum added up over the ranks (a rank may lack a name: one that had no
         samples). One exchange of a few numbers: meant for the end of a phase."""
