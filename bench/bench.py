@@ -24,11 +24,13 @@ HERE = TEMPLATE / "bench"
 RESULTS = HERE / "results.json"
 WORK = TEMPLATE / "build" / "bench"
 PROJECT = WORK / "ddp-bench"
+# Host jobs' checkpoints and logs, out of the project (containers write to /checkpoints there).
+BENCH_DIRS = f" --checkpoint-dir {WORK}/bench-ckpt --log-dir {WORK}/bench-logs"
 ENV_IMAGE = os.environ.get("STANDIN_IMAGE", "ddp-template-env:standin")
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 TRAIN_ARGS = "--epochs 3 --samples 4096 --batch-size 64"
 # Loop comparisons look for a few per cent: more epochs (one is ~0.6 s) and more runs.
-LOOP_ARGS = "--epochs 10 --samples 4096 --batch-size 64"
+LOOP_ARGS = f"--epochs 10 --samples 4096 --batch-size 64{BENCH_DIRS}"
 LOOP_PAIRS = max(REPEAT, 10)
 SIZES = [4096 * 4**i for i in range(8)]  # 4 KB .. 64 MB
 
@@ -207,18 +209,21 @@ def bench_overhead(results):
     }
 
 
-def interleaved(first, second, args, pairs):
-    """samples/s of two host jobs (2 processes, pinned) run turn about `pairs` times, and the
-    median of each pair's ratio first/second. This machine's throughput drifts by +-10% over
-    minutes; the two runs of a pair see the same drift, and every other pair runs them in the
-    other order."""
-    a, b = [], []
-    for pair in range(pairs):
-        for script in (first, second) if pair % 2 == 0 else (second, first):
-            rate = samples_per_s(host_job(2, script, args, pin=True))
-            (a if script == first else b).append(rate)
-    ratios = [x / y for x, y in zip(a, b, strict=True)]
-    return spread(a), spread(b), {**spread(ratios), "pairs": pairs}
+def interleaved(first, second):
+    """Two host jobs (2 processes, pinned), each a (name, script), run turn about LOOP_PAIRS
+    times: each one's samples/s, and the median of the pairs' ratios first/second. This
+    machine's throughput drifts by +-10% over minutes; the two runs of a pair see the same
+    drift, and every other pair runs them in the other order."""
+    rates = {first: [], second: []}
+    for pair in range(LOOP_PAIRS):
+        for name, script in (first, second) if pair % 2 == 0 else (second, first):
+            rates[name, script].append(samples_per_s(host_job(2, script, LOOP_ARGS, pin=True)))
+    ratios = [x / y for x, y in zip(rates[first], rates[second], strict=True)]
+    return {
+        **{f"{name}_samples_per_s": spread(values) for (name, _), values in rates.items()},
+        "ratio": statistics.median(ratios),
+        "ratios": {**spread(ratios), "pairs": LOOP_PAIRS},
+    }
 
 
 def bench_loop(results):
@@ -226,21 +231,8 @@ def bench_loop(results):
     against a minimal hand-written DDP loop: same model, data, batch. And the asynchronous stop
     vote against the synchronous one it replaced (sync_vote.py). Both only time the epochs'
     training (validation and saves fall outside)."""
-    args = LOOP_ARGS + BENCH_DIRS
-    generic, minimal, ratio = interleaved("train_dist.py", "minimal_ddp.py", args, LOOP_PAIRS)
-    results["loop"] = {
-        "generic_samples_per_s": generic,
-        "minimal_samples_per_s": minimal,
-        "ratio": ratio["median"],
-        "ratios": ratio,
-    }
-    async_vote, sync_vote, ratio = interleaved("train_dist.py", "sync_vote.py", args, LOOP_PAIRS)
-    results["stop_vote"] = {
-        "async_samples_per_s": async_vote,
-        "sync_samples_per_s": sync_vote,
-        "ratio": ratio["median"],
-        "ratios": ratio,
-    }
+    results["loop"] = interleaved(("generic", "train_dist.py"), ("minimal", "minimal_ddp.py"))
+    results["stop_vote"] = interleaved(("async", "train_dist.py"), ("sync", "sync_vote.py"))
 
 
 def bench_scaling(results):
@@ -295,7 +287,6 @@ def bench_rebuild(results):
 
 
 CKPT = " --checkpoint-dir /checkpoints/bench"
-BENCH_DIRS = f" --checkpoint-dir {WORK}/bench-ckpt --log-dir {WORK}/bench-logs"
 
 
 def bench_elastic(results):

@@ -10,6 +10,18 @@ def _fmt(entry, unit=""):
     return f"{entry['median']:.2f}{unit} ({entry['min']:.2f}–{entry['max']:.2f})"
 
 
+def _pair_rows(entry, first, second, ratio, target):
+    """The rows of a comparison of two host jobs run turn about (bench.py's `interleaved`):
+    each side's samples/s, then the median of the pairs' ratios."""
+    rows = [
+        f"| host, 2 pinned processes: {label} (samples/s) | "
+        f"{_fmt(entry[f'{key}_samples_per_s'])} | |"
+        for key, label in (first, second)
+    ]
+    pairs = f"median of {entry['ratios']['pairs']} interleaved pairs ({_fmt(entry['ratios'])})"
+    return [*rows, f"| {ratio}, {pairs} | {entry['ratio']:.3f} | {target} |"]
+
+
 def write_report(r, folder):
     m = r["machine"]
     # Rows re-measured on their own (BENCH_ONLY) may have been repeated another number of times.
@@ -48,26 +60,21 @@ def write_report(r, folder):
         f"| container / host throughput | {o['ratio']:.3f} | >= 0.95 |",
     ]
     if "loop" in r:
-        lp = r["loop"]
-        pairs = f"median of {lp['ratios']['pairs']} interleaved pairs ({_fmt(lp['ratios'])})"
-        rows += [
-            f"| host, 2 pinned processes: the generic loop, `train_dist.py` (samples/s) | "
-            f"{_fmt(lp['generic_samples_per_s'])} | |",
-            f"| host, 2 pinned processes: a minimal hand-written DDP loop (samples/s) | "
-            f"{_fmt(lp['minimal_samples_per_s'])} | |",
-            f"| generic / minimal loop throughput, {pairs} | {lp['ratio']:.3f} | >= 0.97 |",
-        ]
+        rows += _pair_rows(
+            r["loop"],
+            ("generic", "the generic loop, `train_dist.py`"),
+            ("minimal", "a minimal hand-written DDP loop"),
+            "generic / minimal loop throughput",
+            ">= 0.97",
+        )
     if "stop_vote" in r:
-        sv = r["stop_vote"]
-        pairs = f"median of {sv['ratios']['pairs']} interleaved pairs ({_fmt(sv['ratios'])})"
-        rows += [
-            f"| host, 2 pinned processes: stop vote read a step later (samples/s) | "
-            f"{_fmt(sv['async_samples_per_s'])} | |",
-            f"| host, 2 pinned processes: stop vote read in its step, as before (samples/s) | "
-            f"{_fmt(sv['sync_samples_per_s'])} | |",
-            f"| asynchronous / synchronous stop vote throughput, {pairs} | {sv['ratio']:.3f} | "
-            f">= 1 |",
-        ]
+        rows += _pair_rows(
+            r["stop_vote"],
+            ("async", "stop vote read a step later"),
+            ("sync", "stop vote read in its step, as before"),
+            "asynchronous / synchronous stop vote throughput",
+            ">= 1",
+        )
     for name, entry in r["threads"].items():
         rows.append(
             f"| threads {name.replace('_samples_per_s', '')} (samples/s) | {_fmt(entry)} | |"
