@@ -64,23 +64,24 @@ def spread(values):
     }
 
 
-def job(nodes, script, args, cpus=1.0, env=None, files=("compose.yaml",), workers=None):
-    """Run one job in containers; return (time `up` was called, the master's log, phases), where
-    phases holds the seconds after `up` at which the last container started and the last worker
-    had imported torch (its "waiting for master" line)."""
-    workers = nodes - 1 if workers is None else workers
+def job(nodes, script, args, cpus=1.0, env=None, files=("compose.yaml",), service="node"):
+    """Run one job in containers; return (time `up` was called, the nodes' log, phases), where
+    phases holds the seconds after `up` at which the last container started and the last node
+    had imported torch (its "waiting for the rendezvous service" line). `service`: the one whose
+    containers train (the seed's pattern has its own, and then no `node` runs)."""
+    scale = nodes if service == "node" else 0
     env = {"NODES": str(nodes), "CPUS": str(cpus), "SCRIPT": script, "ARGS": args, **(env or {})}
     flags = [f for name in files for f in ("-f", name)]
     compose(*flags, "down", "--remove-orphans", env=env)
     shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
     started = time.time()
-    compose(*flags, "up", "--detach", "--scale", f"worker={workers}", env=env)
-    compose(*flags, "wait", "master", env=env, check=False)
-    log = compose(*flags, "logs", "--no-color", "--no-log-prefix", "master", env=env).stdout
+    compose(*flags, "up", "--detach", "--scale", f"node={scale}", env=env)
+    compose(*flags, "wait", service, env=env, check=False)
+    log = compose(*flags, "logs", "--no-color", "--no-log-prefix", service, env=env).stdout
     stamped = compose(*flags, "logs", "--no-color", "--timestamps", env=env).stdout
-    ids = compose(*flags, "ps", "--all", "--quiet", env=env).stdout.split()
+    ids = compose(*flags, "ps", "--all", "--quiet", service, env=env).stdout.split()
     starts = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", *ids]).stdout.split()
-    imported = re.findall(r"(\S+) waiting for master", stamped)
+    imported = re.findall(r"(\S+) waiting for the rendezvous service", stamped)
     phases = {
         "containers_started": max(map(epoch, starts)) - started,
         "workers_imported": max(map(epoch, imported)) - started if imported else None,
@@ -123,22 +124,22 @@ def collectives(log):
 
 
 def seed_override(nodes):
-    """The seed's pattern: static ranks written per service, workers start after `sleep 10`."""
+    """The seed's pattern: static ranks written per service (a `master` and workers), workers
+    start after `sleep 10`."""
     torchrun = (
         "torchrun --nnodes {n} --node-rank {r} --nproc-per-node 1 --master-addr master "
         "--master-port 29500 join.py"
     )
-    services = {
-        "master": {"entrypoint": ["bash", "-c"], "command": [torchrun.format(n=nodes, r=0)]}
-    }
-    for rank in range(1, nodes):
-        services[f"seed-worker-{rank}"] = {
+    services = {}
+    for rank in range(nodes):
+        services["master" if rank == 0 else f"seed-worker-{rank}"] = {
             "image": "${IMAGE}",
+            "hostname": "master" if rank == 0 else f"seed-worker-{rank}",
             "networks": ["ddp"],
             "volumes": ["./:/app:ro"],
             "working_dir": "/app",
             "entrypoint": ["bash", "-c"],
-            "command": [f"sleep 10 && {torchrun.format(n=nodes, r=rank)}"],
+            "command": [("sleep 10 && " if rank else "") + torchrun.format(n=nodes, r=rank)],
         }
     path = PROJECT / "seed.yaml"
     path.write_text(json.dumps({"services": services}, indent=2))
@@ -180,7 +181,7 @@ def bench_startup(results):
     startup["import_torch_1_cpu"] = import_seconds(1)
     startup["import_torch_0.5_cpu"] = import_seconds(0.5)
     startup["seed_pattern_2_nodes"], _ = joined(
-        2, files=("compose.yaml", seed_override(2)), workers=0
+        2, files=("compose.yaml", seed_override(2)), service="master"
     )
 
 
@@ -271,7 +272,7 @@ def bench_rebuild(results):
     cold, code_only = [], []
     for _ in range(REPEAT):
         started = time.perf_counter()
-        compose("build", "--no-cache", "master")
+        compose("build", "--no-cache", "node")
         cold.append(time.perf_counter() - started)
         script = PROJECT / "train_dist.py"
         script.write_text(script.read_text() + "\n# a code-only change\n")
@@ -290,19 +291,23 @@ CKPT = " --checkpoint-dir /checkpoints/bench"
 
 
 def bench_elastic(results):
-    """Seconds from a worker's `docker stop`, a `make scale NODES=3` and a `make scale NODES=2`
-    to rank 0 resuming at the new world size, in one 3-node `make up` each run."""
-    seconds = {"leave": [], "scale_up": [], "scale_down": []}
-    args = "--epochs 8 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
+    """Seconds from a `docker kill` and a `docker stop` of the node holding rank 0, a `make
+    scale NODES=3` and a `make scale NODES=2` to rank 0 resuming at the new world size, in one
+    3-node `make up` each run."""
+    seconds = {"kill": [], "leave": [], "scale_up": [], "scale_down": []}
+    args = "--epochs 16 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
     for _ in range(REPEAT):
         shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
         up = Lines(["make", "up", "NODES=3", f"ARGS={args}", f"ENV_IMAGE={ENV_IMAGE}"])
-        up.wait_for(r"epoch 1/8")
+        up.wait_for(r"epoch 1/16")
         for key, command, size in (
-            ("leave", ["docker", "stop", "ddp-bench-worker-2"], 2),
-            ("scale_up", ["make", "scale", "NODES=3"], 3),
-            ("scale_down", ["make", "scale", "NODES=2"], 2),
+            ("kill", lambda: ["docker", "kill", holding_rank_0()], 2),
+            ("scale_up", lambda: ["make", "scale", "NODES=3"], 3),
+            ("leave", lambda: ["docker", "stop", holding_rank_0()], 2),
+            ("scale_up", lambda: ["make", "scale", "NODES=3"], 3),
+            ("scale_down", lambda: ["make", "scale", "NODES=2"], 2),
         ):
+            command = command()
             asked = time.monotonic()
             run(command)
             up.wait_for(rf"world size {size}\b")
@@ -310,6 +315,17 @@ def bench_elastic(results):
         if up.finish() != 0:
             sys.exit(f"bench: make up failed:\n{''.join(line for _, line in up.lines)[-3000:]}")
     results["elastic_s"] = {key: spread(values) for key, values in seconds.items()}
+
+
+def holding_rank_0():
+    """The running node container whose rank 0 logged last."""
+    newest = {}
+    for node in compose("ps", "--status", "running", "--quiet", "node").stdout.split():
+        logs = run(["docker", "logs", "--timestamps", "--tail", "300", node]).stdout
+        stamps = [line.split()[0] for line in logs.splitlines() if " r0] " in line]
+        if stamps:
+            newest[node] = max(stamps)
+    return max(newest, key=newest.get)
 
 
 class Lines:

@@ -150,12 +150,26 @@ class Project:
         return sorted(listed.splitlines())
 
     def kill_during_training(self, container, *args, epoch=1):
-        """`make up` with `args`, and `docker kill` of a container once epoch `epoch` is logged;
-        returns the running `make up` and the time of the kill."""
+        """`make up` with `args`, and `docker kill` of a container (None: the node holding rank
+        0) once epoch `epoch` is logged; returns the running `make up`, the time of the kill and
+        the container's name."""
         job = self.start_up(*args)
         job.read_until(rf"epoch {epoch}/\d+")
-        sh(["docker", "kill", f"{self.name}-{container}"])
-        return job, time.monotonic()
+        name = self.holding_rank_0() if container is None else f"{self.name}-{container}"
+        sh(["docker", "kill", name])
+        return job, time.monotonic(), name
+
+    def holding_rank_0(self):
+        """The name of the running node container whose rank 0 logged last."""
+        newest = {}
+        for node in self.compose("ps", "--status", "running", "--quiet", "node").stdout.split():
+            logs = sh(["docker", "logs", "--timestamps", "--tail", "300", node]).stdout
+            stamps = [line.split()[0] for line in logs.splitlines() if " r0] " in line]
+            if stamps:
+                newest[node] = max(stamps)
+        assert newest, "no running node logged as rank 0"
+        holder = max(newest, key=newest.get)
+        return sh(["docker", "inspect", "-f", "{{.Name}}", holder]).stdout.strip().lstrip("/")
 
     def containers(self):
         return self._labelled(["docker", "ps", "-aq"])

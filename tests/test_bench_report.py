@@ -79,7 +79,7 @@ def test_report_writes_a_table_and_a_plot(tmp_path):
     summary = write_report(RESULTS, tmp_path)
     table = (tmp_path / "results.md").read_text()
     assert "| start-up, 4 nodes x 0.5 CPU (s) | 4.20 (3.78–4.62) | < 5 |" in table
-    assert "| - of which: last worker had imported torch (s) | 8.25 | |" in table
+    assert "| - of which: last node had imported torch (s) | 8.25 | |" in table
     assert "0.5 CPU: the floor of a 4-node start-up (s) | 7.00 (6.30–7.70) |" in table
     assert "| container / host throughput | 0.980 | >= 0.95 |" in table
     assert (

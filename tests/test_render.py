@@ -115,46 +115,49 @@ def compose_config(root, *extra, env=None):
 def test_compose_config_carries_the_answers(project):
     answers, root = project
     config = compose_config(root)
-    master, worker = config["services"]["master"], config["services"]["worker"]
+    node, store = config["services"]["node"], config["services"]["rendezvous"]
+    assert set(config["services"]) == {"node", "rendezvous"}  # no master, no worker
     cpus = float(answers.get("cpus_per_node", "1.0"))
-    for service in (master, worker):
-        limits = service["deploy"]["resources"]["limits"]
-        assert float(limits["cpus"]) == cpus
-        assert int(service["shm_size"]) > 64 * 2**20
-        assert service["environment"]["MASTER_ADDR"] == "master"
-        assert service["environment"]["NNODES"] == str(answers.get("nodes", 2))
+    limits = node["deploy"]["resources"]["limits"]
+    assert float(limits["cpus"]) == cpus
+    assert int(node["shm_size"]) > 64 * 2**20
+    assert node["environment"]["RDZV_ADDR"] == "rendezvous" == store["hostname"]
+    assert "MASTER_ADDR" not in node["environment"]  # torchrun sets it: rank 0's node, any node
+    assert node["environment"]["NNODES"] == str(answers.get("nodes", 2))
+    for service in (node, store):
         assert service["networks"] == {"ddp": None}
         assert "no-new-privileges:true" in service["security_opt"]
-        volumes = {v["target"]: v for v in service["volumes"]}
-        assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs", "/cache"}
-        assert volumes["/app"]["read_only"]
-    assert master["hostname"] == "master"
-    assert master["healthcheck"]["test"][0] == "CMD"
-    # Workers wait for the master themselves; without depends_on, Compose stops all nodes at once.
-    assert "depends_on" not in worker
-    assert "build" in master and "build" not in worker
+    volumes = {v["target"]: v for v in node["volumes"]}
+    assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs", "/cache"}
+    assert volumes["/app"]["read_only"]
+    # The store trains nothing: the code only, no data, checkpoints, logs or GPU.
+    assert [(v["target"], v.get("read_only")) for v in store["volumes"]] == [("/app", True)]
+    assert store["command"] == ["python", "/app/docker/rendezvous.py"]
+    assert store["restart"] == "no" and store["healthcheck"]["test"][0] == "CMD"
+    assert "reservations" not in store["deploy"]["resources"]
+    # Nodes wait for the service themselves; without depends_on, Compose stops all at once.
+    assert "depends_on" not in node
+    assert "build" in node and "build" not in store
     assert config["name"] == root.name
-    gpu = [s["deploy"]["resources"].get("reservations") for s in (master, worker)]
+    gpu = node["deploy"]["resources"].get("reservations")
     if gpu_on(answers):
-        assert all(r["devices"][0]["driver"] == "nvidia" for r in gpu)
-        assert all(r["devices"][0]["capabilities"] == ["gpu"] for r in gpu)
-        assert all(r["devices"][0]["count"] == -1 for r in gpu)  # "all"
-        for service in (master, worker):
-            assert service["environment"]["NCCL_SOCKET_IFNAME"] == "eth0"
-            assert service["environment"]["DDP_BACKEND"] == "nccl"
-            assert service["ulimits"]["memlock"] == -1
+        assert gpu["devices"][0]["driver"] == "nvidia"
+        assert gpu["devices"][0]["capabilities"] == ["gpu"]
+        assert gpu["devices"][0]["count"] == -1  # "all"
+        assert node["environment"]["NCCL_SOCKET_IFNAME"] == "eth0"
+        assert node["environment"]["DDP_BACKEND"] == "nccl"
+        assert node["ulimits"]["memlock"] == -1
     else:
-        assert gpu == [None, None]
+        assert gpu is None
 
 
 def test_caches_live_in_a_mounted_folder_that_git_and_the_image_leave_out(
     default_project, tmp_path
 ):
     root = default_project
-    for service in ("master", "worker"):
-        volumes = {v["target"]: v for v in compose_config(root)["services"][service]["volumes"]}
-        assert volumes["/cache"]["source"] == str(root / "cache")
-        assert not volumes["/cache"].get("read_only")
+    volumes = {v["target"]: v for v in compose_config(root)["services"]["node"]["volumes"]}
+    assert volumes["/cache"]["source"] == str(root / "cache")
+    assert not volumes["/cache"].get("read_only")
     dockerfile = (root / "Dockerfile").read_text()
     assert "TORCH_HOME=/cache/torch" in dockerfile and "HF_HOME=/cache/huggingface" in dockerfile
     (tmp_path / ".gitignore").write_text((root / ".gitignore").read_text())
@@ -166,14 +169,14 @@ def test_caches_live_in_a_mounted_folder_that_git_and_the_image_leave_out(
 
 def test_memory_limit_and_shm_are_the_answers(tmp_path):
     root = render(tmp_path, memory_per_node="1536M", shm_size="256m")
-    master = compose_config(root)["services"]["master"]
-    assert master["deploy"]["resources"]["limits"]["memory"] == str(1536 * 2**20)
-    assert master["shm_size"] == str(256 * 2**20)
+    node = compose_config(root)["services"]["node"]
+    assert node["deploy"]["resources"]["limits"]["memory"] == str(1536 * 2**20)
+    assert node["shm_size"] == str(256 * 2**20)
 
 
 def test_proxy_settings_reach_the_build(default_project):
     config = compose_config(default_project, env={"HTTPS_PROXY": "http://proxy.invalid:3128"})
-    assert config["services"]["master"]["build"]["args"]["HTTPS_PROXY"] == (
+    assert config["services"]["node"]["build"]["args"]["HTTPS_PROXY"] == (
         "http://proxy.invalid:3128"
     )
 
@@ -343,6 +346,8 @@ OTHER_VALUES = {
     "MASTER_PORT": "29511",
     "WAIT_TIMEOUT": "61",
     "REJOIN_TIMEOUT": "11",
+    "HEARTBEAT_INTERVAL": "2",
+    "HEARTBEAT_MISSES": "4",
     "START_METHOD": "thread",
     "MIN_NODES": "2",
     "MAX_NODES": "6",
@@ -383,6 +388,7 @@ def test_the_launcher_defaults_are_the_env_defaults(tmp_path, answers):
     # Empty launcher defaults leave the choice to the script (DDP_BACKEND).
     shared = {name for name, value in defaults.items() if value and name in env}
     assert shared >= {"RDZV_PORT", "WAIT_TIMEOUT", "REJOIN_TIMEOUT", "MAX_RESTARTS", "SCRIPT"}
+    assert shared >= {"HEARTBEAT_INTERVAL", "HEARTBEAT_MISSES"}
     for name in shared - {"START_METHOD"}:
         assert defaults[name] == env[name], name
     # The launcher's default works on any node; .env picks fork where there is no GPU.

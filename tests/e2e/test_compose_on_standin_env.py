@@ -1,4 +1,4 @@
-"""`make up` for real: a master and workers as Compose services.
+"""`make up` for real: training nodes and their rendezvous service as Compose services.
 
 Replaced here: the conda env stage only. The runtime stage is built on the stand-in env image
 (Debian's Python with the same pip packages; see scripts/standin-image.sh) because this CI
@@ -13,16 +13,14 @@ import urllib.request
 
 from helpers import losses, record, sh, wait_until
 
-SEED_STYLE_SCRIPT = '''\
-"""A script written for the seed's setup: it sets the rendezvous address itself."""
+OWN_SCRIPT = '''\
+"""A script written for torchrun's contract: env:// reads MASTER_ADDR and MASTER_PORT."""
 import argparse
 import os
 
 import torch
 import torch.distributed as dist
 
-os.environ["MASTER_ADDR"] = "master"
-os.environ["MASTER_PORT"] = "29500"
 parser = argparse.ArgumentParser()
 parser.add_argument("--value", type=float, required=True)
 args = parser.parse_args()
@@ -47,28 +45,32 @@ def test_up_trains_to_completion(trained):
     assert checkpoint.exists() and "final loss" in log.read_text()
     for path in (checkpoint, log):
         assert (path.stat().st_uid, path.stat().st_gid) == (1000, 1000), path
-    # Per-node logs on the host, metrics as JSON lines and TensorBoard events.
-    assert "node-master.log" in trained.node_logs, trained.node_logs
+    # Per-node logs on the host (rank 0's in the node that held it), metrics as JSON lines and
+    # TensorBoard events.
     assert len(trained.node_logs) == 2, trained.node_logs
-    assert "epoch 3/3" in (project.root / "logs" / "node-master.log").read_text()
+    texts = [(project.root / "logs" / name).read_text() for name in trained.node_logs]
+    assert sum("epoch 3/3" in text for text in texts) == 1, trained.node_logs
     assert trained.metrics_lines == 3
     assert list((project.root / "logs" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_limits_shm_security_and_non_root_user(project):
-    project.compose("create", "--force-recreate", "--scale", "worker=1")
-    ids = project.compose("ps", "--all", "-q").stdout.split()
-    assert len(ids) == 2
-    for container in json.loads(sh(["docker", "inspect", *ids]).stdout):
+    project.compose("create", "--force-recreate", "--scale", "node=2")
+    ids = project.compose("ps", "--all", "-q", "node").stdout.split()
+    service = project.compose("ps", "--all", "-q", "rendezvous").stdout.split()
+    assert len(ids) == 2 and len(service) == 1
+    for container in json.loads(sh(["docker", "inspect", *ids, *service]).stdout):
         host = container["HostConfig"]
-        assert host["NanoCpus"] == 1_000_000_000
-        assert host["Memory"] == 2 * 2**30
-        assert host["ShmSize"] == 2**30
+        node = container["Id"] in ids
+        assert host["NanoCpus"] == (1_000_000_000 if node else 500_000_000)
+        assert host["Memory"] == (2 if node else 1) * 2**30
+        if node:
+            assert host["ShmSize"] == 2**30
         assert host["SecurityOpt"] == ["no-new-privileges:true"]
         assert host["CapDrop"] == ["ALL"]
         assert not host["PortBindings"]
         assert container["Config"]["User"] == "1000:1000"
-    code, out = project.run("master", "id", "-u")
+    code, out = project.run("node", "id", "-u")
     assert code == 0 and out.split()[-1] == "1000"
 
 
@@ -100,38 +102,37 @@ def test_four_nodes_have_distinct_hosts_and_identical_weights(project):
         "up", "NODES=4", "ARGS=--epochs 1 --samples 512 --checkpoint-dir /checkpoints/four"
     )
     out = result.stdout
-    assert len(project.compose("ps", "--all", "-q").stdout.split()) == 4
+    assert len(project.compose("ps", "--all", "-q", "node").stdout.split()) == 4
     assert "world size 4" in out
     line = re.search(r"weights by rank: (.*)$", out, re.MULTILINE)
     assert line, out[-3000:]
     ranks = re.findall(r"(\d)@(\S+)=(\w+)", line.group(1))
     assert [r for r, _, _ in ranks] == ["0", "1", "2", "3"]
     assert len({host for _, host, _ in ranks}) == 4
-    assert ranks[0][1] == "master"
     assert len({fp for _, _, fp in ranks}) == 1
 
 
-def test_own_script_written_for_the_seed_runs_unchanged(project):
-    (project.root / "own_job.py").write_text(SEED_STYLE_SCRIPT)
+def test_own_script_written_for_torchruns_contract_runs_unchanged(project):
+    (project.root / "own_job.py").write_text(OWN_SCRIPT)
     result = project.make("up", "SCRIPT=own_job.py", "ARGS=--value 3")
     assert "own script: rank 0 of 2 sum 6.0" in result.stdout
     assert "own script: rank 1 of 2 sum 6.0" in result.stdout
 
 
-def test_worker_started_first_waits_for_the_master(project):
-    args = {"ARGS": "--epochs 1 --samples 256 --checkpoint-dir /checkpoints/late-master"}
+def test_a_node_started_first_waits_for_the_rendezvous_service(project):
+    args = {"ARGS": "--epochs 1 --samples 256 --checkpoint-dir /checkpoints/late-rendezvous"}
     project.compose("down", "--remove-orphans")
-    project.compose("up", "--detach", "--no-deps", "worker", **args)
-    waiting = "waiting for master master:29400"
-    wait_until(lambda: waiting in project.logs("worker"), 60, "the worker waiting")
-    time.sleep(3)
-    assert "is up after" not in project.logs("worker")
-    project.compose("up", "--detach", "--no-deps", "master", **args)
-    project.compose("wait", "worker", "master", timeout=300)
-    worker_log = project.logs("worker")
-    assert re.search(r"master master:29400 is up after \d+s", worker_log), worker_log
-    assert "final loss" in project.logs("master")
-    assert project.exit_codes() == ["master 0", "worker 0"]
+    project.compose("up", "--detach", "--no-deps", "node", **args)
+    waiting = "waiting for the rendezvous service rendezvous:29400"
+    wait_until(lambda: waiting in project.logs("node"), 60, "the node waiting")
+    assert "is up after" not in project.logs("node")
+    project.compose("up", "--detach", "--no-deps", "rendezvous", **args)
+    project.compose("wait", "node", "rendezvous", timeout=300)
+    log = project.logs("node")
+    assert re.search(r"rendezvous rendezvous:29400 is up after \d+s", log), log
+    assert "final loss" in log
+    assert "the job's rendezvous is closed: stopping" in project.logs("rendezvous")
+    assert project.exit_codes() == ["node 0", "rendezvous 0"]
 
 
 def test_make_test_runs_the_suite_inside_the_image(project):
@@ -163,7 +164,7 @@ def test_extra_ca_certificate_is_trusted_in_the_image(project, tmp_path):
     )
     try:
         project.make("build", f"CA_CERT={cert}")
-        _, bundle = project.run("master", "cat", "/etc/ssl/certs/ca-certificates.crt")
+        _, bundle = project.run("node", "cat", "/etc/ssl/certs/ca-certificates.crt")
     finally:
         (project.root / "docker" / "certs" / "extra-ca.crt").unlink(missing_ok=True)
     pem_body = "".join(cert.read_text().splitlines()[1:-1])
@@ -176,20 +177,20 @@ def test_code_only_change_rebuilds_only_the_code_layer(project):
     script.write_text(original + "\n# a code-only change\n")
     try:
         started = time.perf_counter()
-        result = project.compose("--progress", "plain", "build", "master")
+        result = project.compose("--progress", "plain", "build", "node")
         seconds = time.perf_counter() - started
     finally:
         script.write_text(original)
     log = result.stdout + result.stderr
-    user_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] RUN if ! getent group", log)
+    user_step = re.search(r"#(\d+) \[(?:node )?runtime \d+/\d+\] RUN if ! getent group", log)
     assert user_step and re.search(rf"^#{user_step.group(1)} CACHED$", log, re.MULTILINE), log
-    copy_step = re.search(r"#(\d+) \[(?:master )?runtime \d+/\d+\] COPY \. /app", log)
+    copy_step = re.search(r"#(\d+) \[(?:node )?runtime \d+/\d+\] COPY \. /app", log)
     assert copy_step and not re.search(rf"^#{copy_step.group(1)} CACHED$", log, re.MULTILINE), log
     record(code_only_rebuild_s=round(seconds, 2))
 
 
 def test_down_leaves_no_containers_or_networks(project):
-    project.compose("create", "--scale", "worker=1")
+    project.compose("create", "--scale", "node=2")
     assert project.containers() and project.networks()
     project.make("down")
     assert project.containers() == []

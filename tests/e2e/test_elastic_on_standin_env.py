@@ -54,22 +54,24 @@ def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
     exactly_once(project, "logs/elastic/samples")
 
 
-def test_a_stopped_worker_leaves_and_the_job_goes_on_with_each_sample_once(project):
+def test_the_stopped_node_holding_rank_0_leaves_and_the_job_goes_on_with_each_sample_once(
+    project,
+):
     folders = "--checkpoint-dir /checkpoints/leave --log-dir /logs/leave"
     job = project.start_up("NODES=3", f"ARGS={ARGS} {folders}")
     wait_for_records(project.root / "logs" / "leave" / "samples", epoch=2)
+    leaving = project.holding_rank_0()
     stopped = time.monotonic()
-    sh(["docker", "stop", f"{project.name}-worker-2"])
+    sh(["docker", "stop", leaving])
     reformed = job.read_until(r"world size 2") - stopped
     out = job.finish()
     assert job.returncode == 0, out[-3000:]
     assert "left the rendezvous" in out
-    assert f"{project.name}-worker-2 was stopped (SIGTERM: status 143)" in out
+    assert f"{leaving} was stopped (SIGTERM: status 143)" in out
+    # Rank 0's duties moved: another node's rank 0 resumed at the saved sample and finished.
+    assert re.search(r"resumed from \S+ epoch 1 done, [1-9]\d* samples into the next", out)
     exactly_once(project, "logs/leave/samples")
-    record(worker_stopped_to_reformed_s=round(reformed, 1))
-    # It took 31 s before the leave (10 s of heartbeats, a 20 s last call); make bench
-    # measures it (about 5 s here).
-    assert reformed < 20, out[-3000:]
+    record(rank0_node_stopped_to_reformed_s=round(reformed, 1))
 
 
 def test_scaled_up_and_down_while_running_each_sample_once(project):
@@ -91,18 +93,19 @@ def test_scaled_up_and_down_while_running_each_sample_once(project):
 def test_chaos_ends_with_the_job_done_and_every_sample_trained(project):
     """The short version of `make chaos` (4 minutes by default). Seed 2's second kill tends to
     land as a round forms, which ended the job before (a node of the round lost before it
-    said its process count)."""
+    said its process count). The first stop or kill aims at the node holding rank 0."""
     out = project.make("chaos", "NODES=3", "CHAOS_SECONDS=45", "CHAOS_SEED=2").stdout
     summary = re.search(
-        r"chaos: seed 2, \d+ events \((\d+) stops, (\d+) kills, (\d+) scales\), make up exited 0;"
-        r" \d+ epochs of \d+ samples: 0 missing, (\d+) repeated \(at most (\d+) a kill\);"
-        r" the last checkpoint loads: yes",
+        r"chaos: seed 2, \d+ events \((\d+) stop, (\d+) stop rank 0, (\d+) kill, (\d+) kill rank 0,"
+        r" (\d+) scale\), make up exited 0; \d+ epochs of \d+ samples: 0 missing, (\d+) repeated"
+        r" \(at most (\d+) a kill\); the last checkpoint loads: yes",
         out,
     )
     assert summary, out[-4000:]
-    stops, kills, scales, repeated, bound = map(int, summary.groups())
-    assert stops >= 1 and kills >= 1 and scales >= 1, summary.group(0)
-    assert repeated <= kills * bound
+    stops, rank0_stops, kills, rank0_kills, scales, repeated, bound = map(int, summary.groups())
+    assert stops + rank0_stops >= 1 and kills + rank0_kills >= 1 and scales >= 1, summary.group(0)
+    assert rank0_stops + rank0_kills >= 1, summary.group(0)
+    assert repeated <= (kills + rank0_kills) * bound
     record(chaos_45s=summary.group(0))
 
 

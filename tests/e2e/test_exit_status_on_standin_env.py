@@ -32,22 +32,22 @@ def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
     result = project.make("up", "ARGS=--bogus", check=False, timeout=300)
     seconds = time.monotonic() - started
     out = result.stdout + result.stderr
-    assert "make up: FAILED: the master exited with status 2" in out, out[-3000:]
+    assert "make up: FAILED: a node exited with status 2" in out, out[-3000:]
     # One usage for the job: no node prints it twice, no torchrun restarts it.
     assert out.count("usage: train_dist.py") == 1, out[-3000:]
     assert out.count("unrecognized arguments: --bogus") == 1
     assert "a usage or data error: not restarted" in out
-    assert project.exit_codes() == ["master 2", "worker 2"]
+    assert project.exit_codes() == ["node 2", "node 2", "rendezvous 0"]
     record(bad_argument_to_exit_s=round(seconds, 1))
 
 
 def test_a_missing_data_folder_fails_once_per_node_with_status_2(project):
     result = project.make("up", "ARGS=--data-dir /missing", check=False, timeout=300)
     out = result.stdout + result.stderr
-    assert "make up: FAILED: the master exited with status 2" in out, out[-3000:]
+    assert "make up: FAILED: a node exited with status 2" in out, out[-3000:]
     assert out.count("ERROR: data directory /missing does not exist") == 2, out[-3000:]
     assert "world size" not in out, "the job must not start training"
-    assert project.exit_codes() == ["master 2", "worker 2"]
+    assert project.exit_codes() == ["node 2", "node 2", "rendezvous 0"]
 
 
 def test_finished_jobs_end_cleanly_on_every_node(standin):

@@ -16,11 +16,11 @@ def epochs_logged(text):
     return [int(n) for n in re.findall(r"epoch (\d+)/\d+ loss", text)]
 
 
-def test_killed_worker_job_reforms_resumes_and_finishes(project):
-    job, killed = project.kill_during_training(
-        "worker-1",
+def test_killed_node_holding_rank_0_job_reforms_resumes_and_finishes(project):
+    job, killed, name = project.kill_during_training(
+        None,
         "NODES=3",
-        "ARGS=--epochs 6 --samples 4096 --checkpoint-dir /checkpoints/kill-worker",
+        "ARGS=--epochs 6 --samples 4096 --save-every-steps 20 --checkpoint-dir /checkpoints/kill",
         epoch=2,
     )
     resumed = job.read_until(r"resumed from \S+: epoch \d+ done")
@@ -30,24 +30,24 @@ def test_killed_worker_job_reforms_resumes_and_finishes(project):
     assert resumed_at >= 2
     assert sorted(set(epochs_logged(out))) == [1, 2, 3, 4, 5, 6]
     assert re.findall(r"world size (\d+)", out)[-1] == "2"
-    assert f"{project.name}-worker-1 exited with status 137" in out
-    record(worker_killed_to_resumed_s=round(resumed - killed, 1))
+    assert f"{name} was killed (status 137)" in out
+    record(rank0_node_killed_to_resumed_s=round(resumed - killed, 1))
 
 
-def test_killed_master_every_container_exits_nonzero(project):
-    job, killed = project.kill_during_training(
-        "master-1",
-        "NODES=3",
-        "ARGS=--epochs 50 --samples 4096 --checkpoint-dir /checkpoints/kill-master",
-    )
+def test_a_killed_rendezvous_service_stops_every_node_with_one_line_and_up_resumes(project):
+    args = "ARGS=--epochs 50 --samples 4096 --checkpoint-dir /checkpoints/kill-rendezvous"
+    job, _, _ = project.kill_during_training("rendezvous-1", "NODES=2", args, epoch=2)
     out = job.finish()
-    all_exited = time.monotonic() - killed
-    assert job.returncode != 0
-    assert "make up: FAILED: the master exited with status 137" in out
-    codes = project.exit_codes()
-    assert len(codes) == 3 and all(not c.endswith(" 0") for c in codes), codes
+    assert job.returncode == 1, out[-3000:]
+    assert out.count("ERROR: lost the rendezvous service rendezvous:29400") == 2, out[-3000:]
+    assert "Traceback" not in out and "frame #" not in out, out[-3000:]
+    assert "make up: FAILED: a node exited with status 1" in out
     assert project.compose("ps", "-q").stdout.strip() == "", "no container may be left running"
-    record(master_killed_to_all_exited_s=round(all_exited, 1))
+    # The ranks stopped after a save: the next `make up` resumes from it.
+    saved = re.search(r"stop requested: saved (\S+) at epoch", out)
+    assert saved, out[-3000:]
+    again = project.make("up", args.replace("50", "3"))
+    assert f"resumed from {saved.group(1)}" in again.stdout, again.stdout[-3000:]
 
 
 def test_restarts_exhausted_fail_with_a_reason(project):
@@ -59,7 +59,7 @@ def test_restarts_exhausted_fail_with_a_reason(project):
     assert result.returncode != 0
     assert out.count("crashing on purpose") >= 2, "torchrun must have restarted it once"
     # The job's status is the script's own, not torchrun's generic 1.
-    assert "make up: FAILED: the master exited with status 3" in out
+    assert "make up: FAILED: a node exited with status 3" in out
     assert project.compose("ps", "-q").stdout.strip() == ""
     record(restarts_exhausted_to_exit_s=round(seconds, 1))
 
@@ -102,7 +102,7 @@ SLOW_LINKS = (
 
 
 def slow_down(pid):
-    """Slow the master's interface from the host (the containers have no NET_ADMIN)."""
+    """Slow a node's interface from the host (the containers have no NET_ADMIN)."""
     for qdisc in SLOW_LINKS:
         added = sh(
             ["nsenter", "-t", pid, "-n", "tc", "qdisc", "add", "dev", "eth0", "root", *qdisc],
@@ -115,19 +115,21 @@ def slow_down(pid):
 
 
 def test_slow_network_still_completes(project):
-    """The same job with and without a slow link on the master's interface."""
+    """The same job with and without a slow link on one node's interface."""
     rates, link = {}, None
     for slow in (False, True):
         env = {"ARGS": f"--epochs 2 --samples 2048 --checkpoint-dir /checkpoints/slow-{slow}"}
         project.compose("down", "--remove-orphans")
         try:
-            project.compose("up", "--detach", "--no-deps", "master", **env)
-            pid = sh(["docker", "inspect", "-f", "{{.State.Pid}}", f"{project.name}-master-1"])
+            project.compose("up", "--detach", "--no-deps", "rendezvous", "node", **env)
+            pid = sh(["docker", "inspect", "-f", "{{.State.Pid}}", f"{project.name}-node-1"])
             if slow:
                 link = slow_down(pid.stdout.strip())
-            project.compose("up", "--detach", "--no-deps", "worker", **env)
-            project.compose("wait", "master", timeout=600)
-            log = project.logs("master")
+            project.compose(
+                "up", "--detach", "--no-deps", "--no-recreate", "--scale", "node=2", "node", **env
+            )
+            project.compose("wait", "node", timeout=600)
+            log = project.logs("node")
         finally:
             project.compose("down", "--remove-orphans")
         assert "epoch 2/2" in log and "final loss" in log, log[-2000:]
@@ -140,12 +142,12 @@ def test_slow_network_still_completes(project):
     )
 
 
-def test_worker_gives_up_when_the_master_never_comes(project):
+def test_a_node_gives_up_when_the_rendezvous_service_never_comes(project):
     project.compose("down", "--remove-orphans")
     started = time.monotonic()
-    code, out = project.run("worker", WAIT_TIMEOUT="3")
+    code, out = project.run("node", WAIT_TIMEOUT="3")
     assert code == 1
-    assert "ERROR: master master:29400 did not answer within 3s" in out
+    assert "ERROR: the rendezvous service rendezvous:29400 did not answer within 3s" in out
     assert time.monotonic() - started < 60
 
 
@@ -161,7 +163,7 @@ def test_unreadable_data_dir_is_refused_with_a_message(project):
     assert result.returncode != 0
     # Once per node, with MAX_RESTARTS at its default: a restart cannot fix it.
     assert out.count("ERROR: data directory /data is not readable by uid 1000") == 2, out[-3000:]
-    assert "make up: FAILED: the master exited with status 2" in out
+    assert "make up: FAILED: a node exited with status 2" in out
 
 
 def test_corrupt_checkpoint_is_moved_aside_not_deleted(project):

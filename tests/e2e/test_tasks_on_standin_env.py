@@ -126,9 +126,9 @@ def test_downloads_land_in_the_shared_cache_and_stay(project):
         "import os, torch.hub; d = torch.hub.get_dir(); os.makedirs(d, exist_ok=True); "
         "open(os.path.join(d, 'probe'), 'w').write(os.environ['HF_HOME']); print(d)"
     )
-    code, out = project.run("master", "python", "-c", probe)
+    code, out = project.run("node", "python", "-c", probe)
     assert code == 0 and out.split()[-1] == "/cache/torch/hub", out
     on_host = project.root / "cache" / "torch" / "hub" / "probe"
     assert on_host.read_text() == "/cache/huggingface"
-    code, out = project.run("worker", "cat", "/cache/torch/hub/probe")
+    code, out = project.run("node", "cat", "/cache/torch/hub/probe")
     assert code == 0 and out.split()[-1] == "/cache/huggingface", out

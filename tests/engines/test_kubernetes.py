@@ -37,6 +37,7 @@ def manifests(tmp_path_factory):
         root,
         yaml.safe_load((out / "pytorchjob.yaml").read_text()),
         list(yaml.safe_load_all((out / "job.yaml").read_text())),
+        list(yaml.safe_load_all((out / "rendezvous.yaml").read_text())),
     )
 
 
@@ -49,11 +50,12 @@ def validate(schema_file, document, tmp_path, name):
 
 
 def test_pytorchjob_validates_against_the_crd_schema(schema, manifests, tmp_path):
-    _, job, _ = manifests
+    _, job, _, _ = manifests
     result = validate(schema, job, tmp_path, "pytorchjob")
     assert result.returncode == 0, result.stdout + result.stderr
     specs = job["spec"]["pytorchReplicaSpecs"]
-    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    # All nodes alike: no Master replica, whose pod would be the job's single point of failure.
+    assert list(specs) == ["Worker"] and specs["Worker"]["replicas"] == 4
     assert job["spec"]["elasticPolicy"] == {
         "rdzvBackend": "c10d",
         "minReplicas": 1,
@@ -71,14 +73,14 @@ def test_pytorchjob_validates_against_the_crd_schema(schema, manifests, tmp_path
 
 
 def test_the_validator_rejects_a_broken_pytorchjob(schema, manifests, tmp_path):
-    _, job, _ = manifests
+    _, job, _, _ = manifests
     broken = json.loads(json.dumps(job))
     broken["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "three"
     assert validate(schema, broken, tmp_path, "broken").returncode != 0
 
 
 def test_plain_job_pod_template_validates(schema, manifests, tmp_path):
-    _, _, documents = manifests
+    _, _, documents, _ = manifests
     job = next(d for d in documents if d["kind"] == "Job")
     full = json.loads(Path(schema).read_text())
     template_schema = full["properties"]["spec"]["properties"]["pytorchReplicaSpecs"][
@@ -102,21 +104,24 @@ def test_plain_job_pod_template_validates(schema, manifests, tmp_path):
     ]
 
 
-def test_headless_service_names_pod_zero(manifests):
-    root, _, documents = manifests
-    service = next(d for d in documents if d["kind"] == "Service")
-    job = next(d for d in documents if d["kind"] == "Job")
+def test_every_training_pod_dials_the_rendezvous_service_which_trains_nothing(manifests):
+    root, job, documents, rendezvous = manifests
     name = root.name
-    assert service["metadata"]["name"] == name and job["metadata"]["name"] == name
-    assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {"job-name": name}
+    service = next(d for d in rendezvous if d["kind"] == "Service")
+    store = next(d for d in rendezvous if d["kind"] == "Job")
+    assert service["metadata"]["name"] == f"{name}-rendezvous"
+    assert service["spec"]["selector"] == {"job-name": store["metadata"]["name"]}
     assert service["spec"]["ports"][0]["port"] == 29400
-    pod = job["spec"]["template"]["spec"]
-    assert pod["subdomain"] == name
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert env["MASTER_ADDR"] == f"{name}-0.{name}"
-    # The image's own command (docker/launch.py) runs: pod 0 is the master by its index.
-    assert "command" not in pod["containers"][0] and "args" not in pod["containers"][0]
+    container = store["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "/app/docker/rendezvous.py"]
+    assert store["spec"]["backoffLimit"] == 0  # a new store would not know the running rounds
+    plain = next(d for d in documents if d["kind"] == "Job")["spec"]["template"]["spec"]
+    operator = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    for pod in (plain, operator):
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["RDZV_ADDR"] == f"{name}-rendezvous"
+        # The image's own command (docker/launch.py) runs, the same on every pod.
+        assert "command" not in pod["containers"][0] and "args" not in pod["containers"][0]
 
 
 def strictly(tmp_path, name, *documents):
@@ -127,9 +132,9 @@ def strictly(tmp_path, name, *documents):
     return sh(command, check=False)
 
 
-def test_job_and_service_pass_kubernetes_strict_validation(manifests, tmp_path):
-    _, _, documents = manifests
-    result = strictly(tmp_path, "job", *documents)
+def test_job_and_rendezvous_pass_kubernetes_strict_validation(manifests, tmp_path):
+    _, _, documents, rendezvous = manifests
+    result = strictly(tmp_path, "job", *documents, *rendezvous)
     assert result.returncode == 0, result.stdout + result.stderr
     for kind in ("job", "service"):
         assert f"passed for resource {kind}/" in result.stdout + result.stderr
@@ -137,7 +142,7 @@ def test_job_and_service_pass_kubernetes_strict_validation(manifests, tmp_path):
 
 def test_pytorchjob_pod_templates_pass_kubernetes_strict_validation(manifests, tmp_path):
     """The CRD's schema leaves the pod template open; Kubernetes' PodTemplate schema does not."""
-    _, job, _ = manifests
+    _, job, _, _ = manifests
     for role, spec in job["spec"]["pytorchReplicaSpecs"].items():
         template = {
             "apiVersion": "v1",
@@ -158,7 +163,7 @@ def test_pytorchjob_pod_templates_pass_kubernetes_strict_validation(manifests, t
     ids=["unknown-field", "wrong-type"],
 )
 def test_kubernetes_strict_validation_rejects_a_broken_job(manifests, tmp_path, break_it):
-    _, _, documents = manifests
+    _, _, documents, _ = manifests
     broken = json.loads(json.dumps(documents))
     break_it(next(d for d in broken if d["kind"] == "Job")["spec"]["template"]["spec"])
     assert strictly(tmp_path, "broken", *broken).returncode != 0

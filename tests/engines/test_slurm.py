@@ -58,13 +58,16 @@ def sbatch(project, args):
     return submitted.returncode, (project / "logs" / f"slurm-{job_id}.out").read_text()
 
 
-def test_sbatch_runs_the_job_with_c10d_at_the_head_node(slurm, slurm_project, tmp_path):
+def test_sbatch_runs_the_job_with_the_rendezvous_service_on_the_head_node(
+    slurm, slurm_project, tmp_path
+):
     status, out = sbatch(
         slurm_project,
         f"--epochs 2 --samples 512 --checkpoint-dir {tmp_path}/c --log-dir {tmp_path}/l",
     )
     assert status == 0, out[-3000:]
-    assert "2 task(s) on 1 node(s), the master on " in out, out[-3000:]
+    assert "2 task(s) on 1 node(s), the rendezvous on " in out, out[-3000:]
+    assert "rendezvous: the job's rendezvous is closed" in out, out[-3000:]
     assert "world size 2" in out, out[-3000:]
     assert len(losses(out)) == 2 and "final loss" in out
 

@@ -21,25 +21,29 @@ def swarm(engine):
         sh(["docker", "swarm", "leave", "--force"], check=False)
 
 
-def master_state(stack):
-    """The Swarm state of the master's task once it has ended, else an empty string."""
-    ps = ["docker", "service", "ps", f"{stack}_master", "--no-trunc", "--format"]
-    state = sh([*ps, "{{.CurrentState}}"], check=False).stdout
-    return state if state.startswith(("Complete", "Failed", "Rejected", "Shutdown")) else ""
+def nodes_ended(stack):
+    """The Swarm states of the training nodes' tasks once every one has ended, else []."""
+    ps = ["docker", "service", "ps", f"{stack}_node", "--no-trunc", "--format"]
+    states = sh([*ps, "{{.CurrentState}}"], check=False).stdout.split("\n")
+    states = [state for state in states if state]
+    ended = ("Complete", "Failed", "Rejected", "Shutdown")
+    return states if states and all(state.startswith(ended) for state in states) else []
 
 
 def test_swarm_stack_runs_the_job_to_completion(project, swarm):
     stack = f"{project.name}-swarm"
     # The stack's network must not collide with the one `make up` leaves (<project>_ddp).
-    project.compose("create", "--scale", "worker=1")
+    project.compose("create", "--scale", "node=2")
     try:
         project.make(
-            "swarm-up", "ARGS=--epochs 2 --samples 512 --checkpoint-dir /checkpoints/swarm"
+            "swarm-up",
+            "NODES=2",
+            "ARGS=--epochs 2 --samples 512 --checkpoint-dir /checkpoints/swarm",
         )
-        state = wait_until(lambda: master_state(stack), 300, "the master's task ending")
-        logs = sh(["docker", "service", "logs", "--raw", f"{stack}_master"]).stdout
-        assert state.startswith("Complete"), state + logs[-3000:]
-        assert "world size 2" in logs and "final loss" in logs
+        states = wait_until(lambda: nodes_ended(stack), 300, "the nodes' tasks ending")
+        logs = sh(["docker", "service", "logs", "--raw", f"{stack}_node"]).stdout
+        assert len(states) == 2 and all(s.startswith("Complete") for s in states), states
+        assert "world size 2" in logs and "final loss" in logs, logs[-3000:]
     finally:
         project.make("swarm-down", check=False)
         network = ["docker", "network", "ls", "-q", "--filter", f"name={stack}_ddp"]

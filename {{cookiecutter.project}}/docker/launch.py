@@ -1,11 +1,12 @@
-"""Start one node of the job: decide its role, import torch, wait for the master, run torchrun.
+"""Start one node of the job: import torch, wait for the rendezvous service, run torchrun.
 
-Every engine starts a node with `python docker/launch.py`: Compose (the image's command),
-Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. Settings come from the
-environment; DEFAULTS holds the default of each. README, "How a node starts", says why each step.
+Every engine starts a training node with `python docker/launch.py`: Compose (the image's
+command), Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. The nodes are alike:
+the rendezvous store runs apart (docker/rendezvous.py), and rank 0 is whichever node a round
+makes it. Settings come from the environment; DEFAULTS holds the default of each. README, "How a
+node starts", says why each step; docker/elastic_patches.py holds the changes to torch.
 """
 
-import logging
 import os
 import shlex
 import socket
@@ -17,9 +18,9 @@ from pathlib import Path
 DEFAULTS = {
     "SCRIPT": "train_dist.py",
     "ARGS": "",
-    "NODE_ROLE": "",  # master or worker; empty: node_role() decides
-    "MASTER_ADDR": "127.0.0.1",
+    "RDZV_ADDR": "127.0.0.1",  # the rendezvous service (docker/rendezvous.py)
     "RDZV_PORT": "29400",
+    "RDZV_HOST": "",  # 1: this node hosts the store itself (a one-node job on the host)
     "NNODES": "1",
     "MIN_NODES": "1",
     "MAX_NODES": "",  # empty: NNODES
@@ -30,61 +31,53 @@ DEFAULTS = {
     "WAIT_TIMEOUT": "60",
     "REJOIN_TIMEOUT": "10",
     "JOIN_TIMEOUT": "120",
-    "LAST_CALL_TIMEOUT": "2",
+    "LAST_CALL_TIMEOUT": "1",
     "RDZV_TIMEOUT": "30",
+    # A node whose last heartbeat is HEARTBEAT_INTERVAL x HEARTBEAT_MISSES s old is dropped.
+    "HEARTBEAT_INTERVAL": "1",
+    "HEARTBEAT_MISSES": "3",
     "NODE_MARKER": "",  # the image sets one: a file that outlives a container restart
     "LOG_DIR": "",
-    "LOCAL_ADDR": "",
+    "LOCAL_ADDR": "",  # empty: this node's address on the way to the rendezvous service
     "DDP_BACKEND": "",
 }
 USAGE_ERROR = 2  # argparse's status, and train_dist.py's for data and folder errors
-# train_dist.py's status on the ranks that stopped because a peer was asked to leave: the job
-# re-forms without it, and that is no failure (README, "Elastic").
-PEER_STOPPED = 75
-# Where an engine numbers its nodes: Kubernetes' Indexed Job, Slurm's task id.
-NODE_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_PROCID")
 
 
 def main():
     """The node's steps, in order (README, "How a node starts"); returns its exit status."""
-    role = node_role()
     last = last_status(setting("NODE_MARKER"))
     if last == USAGE_ERROR:
         error("not restarting: the last run ended with a usage or data error (exit status 2)")
         return USAGE_ERROR
     script = checked_script()
-    worker, restarted = role == "worker", last is not None
-    # A restarted worker's master was up before: if it is gone now, exit before the import.
-    if worker and restarted and not wait_for_master(int(setting("REJOIN_TIMEOUT"))):
-        return 1
+    hosting, restarted = setting("RDZV_HOST") == "1", last is not None
+    # A restarted node's job was running before: if its rendezvous is gone now (the job has
+    # ended), exit before the import, with the status that ended the node's last run.
+    if restarted and not hosting and not wait_for_rendezvous(int(setting("REJOIN_TIMEOUT"))):
+        return last
     prepare_processes(script)
     print(
-        f"{role} {local_address(role)}: torchrun {setting('SCRIPT')} {setting('ARGS')} (nodes"
+        f"node {local_address()}: torchrun {setting('SCRIPT')} {setting('ARGS')} (nodes"
         f" {setting('MIN_NODES')}-{setting('NNODES')}, threads {os.environ['OMP_NUM_THREADS']},"
         f" {setting('START_METHOD')})",
         flush=True,
     )
     # The seconds-long import, before a first start's wait, so that the nodes' imports overlap.
+    # The agent's C++ store client logs each failed call to a lost rendezvous service with its
+    # stack (a page per node); run_torchrun says it in one line. Ranks started by spawn keep
+    # the user's level; forked ones share the agent's.
+    user_level = os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     import torch.distributed.run  # noqa: F401
 
-    if worker and not restarted and not wait_for_master(int(setting("WAIT_TIMEOUT"))):
+    del os.environ["TORCH_CPP_LOG_LEVEL"]
+    if user_level:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = user_level
+
+    if not (hosting or restarted) and not wait_for_rendezvous(int(setting("WAIT_TIMEOUT"))):
         return 1
-    return run_torchrun(role, torchrun_arguments(role, script))
-
-
-def node_role():
-    """master or worker: NODE_ROLE if set, else node 0 of the engine, else the node whose
-    hostname is MASTER_ADDR (Compose's `master`, a PyTorchJob's `<job>-master-0`)."""
-    role = setting("NODE_ROLE")
-    if role:
-        if role not in ("master", "worker"):
-            raise Refused(f"NODE_ROLE must be master or worker, not '{role}'")
-        return role
-    for name in NODE_INDEX_VARIABLES:
-        if name in os.environ:
-            return "master" if os.environ[name] == "0" else "worker"
-    local = (socket.gethostname(), "127.0.0.1", "localhost")
-    return "master" if setting("MASTER_ADDR") in local else "worker"
+    return run_torchrun(torchrun_arguments(script))
 
 
 def last_status(marker):
@@ -96,7 +89,7 @@ def last_status(marker):
         path.touch()
         return None
     text = path.read_text().strip()
-    return int(text) if text.isdigit() else 1  # no status: the last run was killed
+    return int(text) if text.isdigit() else 137  # no status: the last run was killed
 
 
 def checked_script():
@@ -113,10 +106,14 @@ def checked_script():
     return script
 
 
-def wait_for_master(timeout):
-    """Bounded wait for the master's rendezvous port; False (with a message) if it never answers."""
-    addr, port = setting("MASTER_ADDR"), int(setting("RDZV_PORT"))
-    print(f"waiting for master {addr}:{port} (timeout {timeout}s)", flush=True)
+def rendezvous_endpoint():
+    return setting("RDZV_ADDR"), int(setting("RDZV_PORT"))
+
+
+def wait_for_rendezvous(timeout):
+    """Bounded wait for the rendezvous service; False (with a message) if it never answers."""
+    addr, port = rendezvous_endpoint()
+    print(f"waiting for the rendezvous service {addr}:{port} (timeout {timeout}s)", flush=True)
     started = time.monotonic()
     while True:
         try:
@@ -125,10 +122,10 @@ def wait_for_master(timeout):
                 break
         except OSError:
             if time.monotonic() - started >= timeout:
-                error(f"master {addr}:{port} did not answer within {timeout}s")
+                error(f"the rendezvous service {addr}:{port} did not answer within {timeout}s")
                 return False
             time.sleep(1)
-    print(f"master {addr}:{port} is up after {time.monotonic() - started:.0f}s", flush=True)
+    print(f"rendezvous {addr}:{port} is up after {time.monotonic() - started:.0f}s", flush=True)
     return True
 
 
@@ -140,6 +137,7 @@ def prepare_processes(script):
     if not os.environ.get("OMP_NUM_THREADS"):
         threads = cpu_limit() // int(setting("NPROC_PER_NODE"))
         os.environ["OMP_NUM_THREADS"] = str(max(threads, 1))
+    # docker/elastic_patches.py says why.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
 
@@ -159,213 +157,174 @@ def cpu_limit():
     return -(-int(quota) // int(period))
 
 
-def local_address(role):
-    """The address this node announces: c10d ranks nodes by it, and only the master's is dialed."""
+def local_address():
+    """The address this node announces: when a round makes it rank 0, the other nodes' ranks
+    dial it. By default the address of the interface that reaches the rendezvous service."""
     if setting("LOCAL_ADDR"):
         return setting("LOCAL_ADDR")
-    return setting("MASTER_ADDR") if role == "master" else f"~worker-{socket.gethostname()}"
+    try:
+        # A UDP connect sends nothing: it only picks the route.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(rendezvous_endpoint())
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
 
 
 def max_nodes():
     return int(setting("MAX_NODES") or setting("NNODES"))
 
 
-def torchrun_arguments(role, script):
+def patches():
+    """docker/elastic_patches.py, loaded from its file: sys.path[0] is the script's folder."""
+    import importlib.util
+
+    if "elastic_patches" not in sys.modules:
+        path = Path(__file__).resolve().with_name("elastic_patches.py")
+        spec = importlib.util.spec_from_file_location("elastic_patches", path)
+        sys.modules["elastic_patches"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["elastic_patches"])
+    return sys.modules["elastic_patches"]
+
+
+def torchrun_arguments(script):
     rdzv_conf = (
-        f"is_host={int(role == 'master')},join_timeout={setting('JOIN_TIMEOUT')},"
+        f"is_host={int(setting('RDZV_HOST') == '1')},join_timeout={setting('JOIN_TIMEOUT')},"
         f"last_call_timeout={setting('LAST_CALL_TIMEOUT')},read_timeout={setting('RDZV_TIMEOUT')},"
-        "keep_alive_interval=2,keep_alive_max_attempt=5"
+        f"keep_alive_interval={setting('HEARTBEAT_INTERVAL')},"
+        f"keep_alive_max_attempt={setting('HEARTBEAT_MISSES')}"
     )
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
+    addr, port = rendezvous_endpoint()
     return [
-        # All NNODES for the job's first round; once it has formed, run_torchrun widens every
-        # node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
+        # All NNODES for the job's first round; once it has formed, docker/elastic_patches.py widens
+        # every node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
         f"--nnodes={setting('NNODES')}",
         f"--nproc-per-node={setting('NPROC_PER_NODE')}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={setting('MASTER_ADDR')}:{setting('RDZV_PORT')}",
+        f"--rdzv-backend={patches().BACKEND}",
+        f"--rdzv-endpoint={addr}:{port}",
         f"--rdzv-id={setting('RUN_ID')}",
         f"--rdzv-conf={rdzv_conf}",
-        f"--local-addr={local_address(role)}",
+        f"--local-addr={local_address()}",
         f"--max-restarts={setting('MAX_RESTARTS')}",
-        "--monitor-interval=1",
+        "--monitor-interval=0.5",
         *start,
         str(script),
         *shlex.split(setting("ARGS")),
     ]
 
 
-def run_torchrun(role, arguments):
-    """torchrun's main() with the changes README's "Exit codes" and "Elastic" list; returns the
-    node's status."""
-    from torch.distributed import DistStoreError
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+def run_torchrun(arguments):
+    """torchrun's main() with docker/elastic_patches.py's changes; returns the node's status."""
+    elastic = patches()
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
-        DynamicRendezvousHandler,
-        _RendezvousJoinOp,
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousClosedError,
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
     )
     from torch.distributed.run import main
 
-    # Private methods of torch's agent and rendezvous (torch is pinned); tests/test_launch.py
-    # checks that they exist.
-    monitor = LocalElasticAgent._monitor_workers
-    rendezvous = LocalElasticAgent._rendezvous
-    assign_ranks = LocalElasticAgent._assign_worker_ranks
-    next_rendezvous = DynamicRendezvousHandler.next_rendezvous
-    join = _RendezvousJoinOp.__call__
-    joined, members = [], set()  # the handler and the nodes of the last round it joined
-
-    def monitor_with_exit_codes(agent, worker_group):
-        result = monitor(agent, worker_group)
-        codes = {f.exitcode for f in result.failures.values()} if result.is_failed() else set()
-        if USAGE_ERROR in codes:
-            agent._remaining_restarts = 0
-        elif codes == {PEER_STOPPED}:
-            # A membership change, which torch does not count either when a node joins.
-            agent._remaining_restarts += 1
-            print(
-                "torchrun: a node left or joins: the job re-forms, no restart counted", flush=True
-            )
-        return result
-
-    def join_at_any_size_once_formed(op, context, deadline):
-        # Each node applies its own sizes to the shared state, so all must hold the same ones,
-        # decided by that state, not by how the node was started. A node started for a running
-        # job with other sizes (make scale's NNODES, a replacement with the job's NNODES) could
-        # clear the last call the others waited for when a node left a forming round, so the
-        # round never formed (a chaos run in CI); with NNODES as its maximum it waited in torch's
-        # redundancy list and was never taken in.
-        state = context.state
-        if state.complete or state.round > 0:
-            settings = context.settings  # frozen; shared with the handler and its heartbeats
-            object.__setattr__(settings, "min_nodes", min(int(setting("MIN_NODES")), max_nodes()))
-            object.__setattr__(settings, "max_nodes", max_nodes())
-        return join(op, context, deadline)
-
-    def a_member_is_gone():
-        return not members <= set(joined[0]._state_holder.state.participants)
-
-    def assign_ranks_between_heartbeats(agent, store, *rest):
-        polled = PolledStore(store, int(setting("RDZV_TIMEOUT")), a_member_is_gone)
-        return assign_ranks(agent, polled, *rest)
-
-    def rendezvous_again_if_a_member_is_gone(agent, worker_group):
-        # After each round the agents swap their process counts through the store; a node that
-        # died between the round and its write (a kill at that instant) left the others waiting
-        # RDZV_TIMEOUT and then ended their agents, and so the job, on DistStoreError.
-        while True:
-            try:
-                return rendezvous(agent, worker_group)
-            except DistStoreError:
-                if agent._remaining_restarts <= 0:
-                    raise
-                agent._remaining_restarts -= 1
-                print("torchrun: a node of the new round is gone: forming another", flush=True)
-
-    def remember_the_handler(handler):
-        info = next_rendezvous(handler)
-        joined[:] = [handler]
-        members.clear()
-        members.update(handler._state_holder.state.participants)
-        return info
-
-    def leave_without_closing(handler):
-        handler._stop_heartbeats()
-        return True
-
-    LocalElasticAgent._monitor_workers = monitor_with_exit_codes
-    LocalElasticAgent._rendezvous = rendezvous_again_if_a_member_is_gone
-    LocalElasticAgent._assign_worker_ranks = assign_ranks_between_heartbeats
-    DynamicRendezvousHandler.next_rendezvous = remember_the_handler
-    _RendezvousJoinOp.__call__ = join_at_any_size_once_formed
-    if role == "worker":
-        DynamicRendezvousHandler.shutdown = leave_without_closing
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(WithoutTraceback())
+    warning = elastic.version_warning()
+    if warning:
+        print(warning, flush=True)
+    node = elastic.install(int(setting("MIN_NODES")), max_nodes(), int(setting("RDZV_TIMEOUT")))
     try:
         main(arguments)
+        record_verdict(0)
         return 0
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
         code = failure.exitcode
         status = code if code > 0 else 128 - code if code < 0 else 1
         reason = "a usage or data error: not restarted" if status == USAGE_ERROR else "failed"
         print(f"torchrun: rank {rank} exited with status {code} ({reason})", flush=True)
+        record_verdict(status)
         return status
-    except SignalException as error:
+    except SignalException as stopped:
         # Stopped (docker stop, make down, make scale, an eviction): the ranks saved where they
-        # stopped. A worker leaves the rendezvous so that the others re-form at once.
-        if role == "worker" and joined:
-            leave(joined[0])
-        print(f"torchrun: stopped by {error.sigval.name}", flush=True)
-        return 128 + error.sigval
+        # stopped. The node leaves the rendezvous so that the others re-form at once.
+        if node.handler and setting("RDZV_HOST") != "1":
+            elastic.leave(node.handler)
+        print(f"torchrun: stopped by {stopped.sigval.name}", flush=True)
+        return 128 + stopped.sigval
+    except RendezvousClosedError:
+        # Closed by the node that ended the job, which recorded its status: this node, still on
+        # its way in, reports the job's status (the job may have finished without it).
+        verdict = read_verdict()
+        if verdict == 0:
+            print("the job finished before this node was taken in: nothing to do", flush=True)
+            return 0
+        error(f"the job ended with status {verdict or 'unknown'} before this node was taken in")
+        return verdict or 1
+    except RendezvousTimeoutError:
+        error(
+            f"no round of {setting('NNODES')} nodes formed within {setting('JOIN_TIMEOUT')}s:"
+            " a node did not come, or two nodes announce the same address (set LOCAL_ADDR)"
+        )
+        return 1
+    except RendezvousConnectionError:
+        addr, port = rendezvous_endpoint()
+        if setting("RDZV_HOST") == "1":
+            error(f"could not host the rendezvous store on port {port}: is it in use? (RDZV_PORT)")
+            return 1
+        error(
+            f"lost the rendezvous service {addr}:{port}: this node stops; the next start"
+            " resumes from the last checkpoint"
+        )
+        return 1
 
 
-def leave(handler):
-    """Take this node out of the rendezvous' participants, as a node does before it joins a new
-    round: the others then re-form without waiting for its heartbeats to time out."""
+def verdict_store():
+    """A client of the rendezvous service's store; None where it cannot be reached."""
     from datetime import timedelta
 
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _RendezvousExitOp
+    from torch.distributed import TCPStore
 
-    handler._stop_heartbeats()
+    if setting("RDZV_HOST") == "1":
+        return None  # the store ended with this node's agent
+    addr, port = rendezvous_endpoint()
     try:
-        with handler._heartbeat_lock:
-            # Short: a master that is stopping too (make down) must not hold up the exit.
-            deadline = handler._get_deadline(timedelta(seconds=5))
-            handler._op_executor.run(_RendezvousExitOp(), deadline)
-        print("left the rendezvous", flush=True)
-    except Exception as failure:  # the master may be gone already: its heartbeats time out
-        name = type(failure).__name__
-        print(f"could not leave the rendezvous ({name}): the others drop it later", flush=True)
+        return TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=5))
+    except Exception:  # the service is gone: nobody is left to ask
+        return None
 
 
-class PolledStore:
-    """The round's store for torch's exchange of process counts, waiting for keys in short polls.
-
-    The node's heartbeats use the same connection, and each store call holds it: a blocking wait
-    for a lost node's key silenced them, the others dropped this node after 10 s and formed a
-    round without it (the master: rank 0 then at an address no one can dial). The exchange calls
-    set, multi_set, get and multi_get (torch's agent, `_assign_worker_ranks`). The wait ends
-    early once the heartbeats have dropped a node of the round: its key will never come.
-    """
-
-    def __init__(self, store, timeout_s, a_member_is_gone):
-        self.store, self.timeout_s, self.a_member_is_gone = store, timeout_s, a_member_is_gone
-
-    def set(self, key, value):
-        self.store.set(key, value)
-
-    def multi_set(self, keys, values):
-        self.store.multi_set(keys, values)
-
-    def get(self, key):
-        self.wait([key])
-        return self.store.get(key)
-
-    def multi_get(self, keys):
-        self.wait(keys)
-        return self.store.multi_get(keys)
-
-    def wait(self, keys):
-        from torch.distributed import DistStoreError
-
-        deadline = time.monotonic() + self.timeout_s
-        while not self.store.check(keys):
-            if time.monotonic() > deadline or self.a_member_is_gone():
-                raise DistStoreError(f"a node of the round never wrote one of {keys}")
-            time.sleep(0.05)
+VERDICT_KEY = "ddp-template/verdict/"
 
 
-class WithoutTraceback(logging.Filter):
-    """torchrun logs a failed process with its own traceback, which says nothing about the
-    script; the line naming the process and its exit code stays, but for PEER_STOPPED."""
+def record_verdict(status):
+    """The job's status, from a node that ended it (torch closed the rendezvous): a failure
+    replaces a success, never the other way round."""
+    store = verdict_store()
+    if store is None:
+        return
+    key = VERDICT_KEY + setting("RUN_ID")
+    try:
+        if status:
+            store.set(key, str(status))
+        else:
+            store.compare_set(key, "", "0")
+    except Exception:
+        pass  # the service stopped meanwhile: the other nodes report the job's status
 
-    def filter(self, record):
-        record.exc_info = record.exc_text = None
-        # Not a failure: run_torchrun says what it is.
-        return f"(exitcode: {PEER_STOPPED})" not in record.getMessage()
+
+def read_verdict(wait_s=5):
+    """The status that the node which ended the job recorded, or None."""
+    store = verdict_store()
+    if store is None:
+        return None
+    key = VERDICT_KEY + setting("RUN_ID")
+    deadline = time.monotonic() + wait_s
+    try:
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+        return int(store.get(key))
+    except Exception:
+        return None
 
 
 def setting(name):

@@ -37,7 +37,6 @@ def settings():
     values = {
         **env,
         "PROJECT": env["COMPOSE_PROJECT_NAME"],
-        "WORKERS": str(int(env["NODES"]) - 1),
         "MEMORY": quantity(env["MEMORY"]),
         "SHM_SIZE": quantity(env["SHM_SIZE"]),
     }
@@ -48,7 +47,7 @@ def main(out_dir):
     values = settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for manifest in ("pytorchjob.yaml", "job.yaml"):
+    for manifest in ("rendezvous.yaml", "pytorchjob.yaml", "job.yaml"):
         text = Template((HERE / manifest).read_text()).safe_substitute(values)
         left = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
         if left:

@@ -1,7 +1,9 @@
-"""docker/launch.py as the nodes of a job on this machine (127.0.0.1), for the tests."""
+"""docker/launch.py as the nodes of a job on this machine (127.0.0.1), and docker/rendezvous.py
+as its rendezvous service, for the tests."""
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,8 @@ UNSET = {
     "LOG_DIR",
     "DDP_BACKEND",
     "START_METHOD",
-    "NODE_ROLE",
+    "RDZV_HOST",
+    "RDZV_ADDR",
     "NODE_MARKER",
     "JOB_COMPLETION_INDEX",
     "SLURM_PROCID",
@@ -31,25 +34,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(**env):
-    """docker/launch.py as one node, in the background (stdout and stderr merged)."""
+def start(program="launch.py", **env):
+    """docker/launch.py (or another program of docker/) as one node, in the background (stdout
+    and stderr merged), in its own process group: kill() ends it as `docker kill` ends a
+    container."""
     inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "docker" / "launch.py")],
+        [sys.executable, str(ROOT / "docker" / program)],
         cwd=ROOT,
         env={**inherited, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+
+
+def kill(process):
+    """SIGKILL to the process and every process it started, as `docker kill` does."""
+    os.killpg(process.pid, signal.SIGKILL)
 
 
 class Node:
     """One node whose output is read as it comes, each line with the time it came."""
 
-    def __init__(self, **env):
+    def __init__(self, program="launch.py", **env):
         self.environment = env  # what it was started with: a node to join it starts with the same
-        self.process = start(**env)
+        self.process = start(program, **env)
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -99,6 +110,12 @@ os._exit(0)  # its heartbeats stop, as a killed node's do
 def ghost(job, name):
     """The ghost node for the job a Node was started with (its environment); returns its
     process."""
-    endpoint = f"{job['MASTER_ADDR']}:{job['RDZV_PORT']}"
+    endpoint = f"{job['RDZV_ADDR']}:{job['RDZV_PORT']}"
     arguments = [endpoint, job["RUN_ID"], job["NNODES"], name]
     return subprocess.Popen([sys.executable, "-c", GHOST, *arguments], cwd=ROOT)
+
+
+def rendezvous(**job):
+    """docker/rendezvous.py for a job started with `job` (RDZV_PORT and RUN_ID), as a Node."""
+    port, run_id = job["RDZV_PORT"], job["RUN_ID"]
+    return Node("rendezvous.py", RDZV_PORT=port, RUN_ID=run_id, IDLE_TIMEOUT="30")

@@ -131,14 +131,15 @@ def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     assert 0 <= counted[1][3] <= every * BATCH * ranks, counted  # repeated: at most 5 steps
 
 
-def start_nodes(tmp_path, roles, **env):
-    """Nodes of one job on this machine, each started by docker/launch.py as in a container."""
+def start_nodes(tmp_path, count, **env):
+    """The rendezvous service and `count` nodes of one job on this machine, each started as in
+    a container (docker/rendezvous.py, docker/launch.py); returns (service, nodes)."""
     (tmp_path / "data").mkdir(exist_ok=True)
     folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
     common = {
         "SCRIPT": "train_dist.py",
         "ARGS": " ".join(JOB) + f" --samples={SAMPLES} " + folders,
-        "MASTER_ADDR": "127.0.0.1",
+        "RDZV_ADDR": "127.0.0.1",
         "RDZV_PORT": str(free_port()),
         "NPROC_PER_NODE": "1",
         "START_METHOD": "fork",
@@ -146,59 +147,102 @@ def start_nodes(tmp_path, roles, **env):
         "RUN_ID": f"elastic-{os.getpid()}",
         **env,
     }
-    return [Node(NODE_ROLE=role, LOCAL_ADDR=address(role, i), **common) for i, role in roles]
+    return nodes.rendezvous(**common), [Node(**common) for _ in range(count)]
 
 
-def address(role, index):
-    # As in containers: the master announces MASTER_ADDR, workers a name that sorts after it.
-    return "127.0.0.1" if role == "master" else f"~worker-{index}"
+def holding_rank_0(started, size):
+    """The node whose rank 0 started the round of `size` nodes, and the others."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for node in started:
+            if re.search(rf"r0\] world size {size}\b", node.output):
+                return node, [other for other in started if other is not node]
+        time.sleep(0.05)
+    raise AssertionError(f"no node started a round of {size}:\n{started[0].output}")
 
 
-def test_a_worker_stopped_mid_epoch_leaves_and_the_rest_go_on_with_each_sample_once(tmp_path):
-    master, staying, leaving = start_nodes(
-        tmp_path, enumerate(["master", "worker", "worker"]), NNODES="3"
-    )
-    wait_for_records(master.process, tmp_path, epoch=2)
-    stopped = time.monotonic()
+def test_the_node_holding_rank_0_stopped_mid_epoch_leaves_and_the_rest_go_on_with_each_sample_once(
+    tmp_path,
+):
+    # MAX_RESTARTS=0: a leave is no failure, so it needs no restart.
+    service, started = start_nodes(tmp_path, 3, NNODES="3", MAX_RESTARTS="0")
+    leaving, staying = holding_rank_0(started, 3)
+    wait_for_records(leaving.process, tmp_path, epoch=2)
     leaving.process.send_signal(signal.SIGTERM)
-    reformed = master.wait_for(r"world size 2") - stopped
+    new_rank_0, _ = holding_rank_0(staying, 2)  # rank 0's duties moved to a node that stayed
     assert leaving.finish() == 143, leaving.output  # stopped, not failed
     assert "left the rendezvous" in leaving.output
-    for node in (master, staying):
+    assert re.search(r"r0\] stop requested: saved", leaving.output), leaving.output
+    new_rank_0.wait_for(r"r0\] resumed from \S+ epoch 1 done, [1-9]\d* samples into the next")
+    for node in staying:
         assert node.finish() == 0, node.output
-        # The others' ranks stopped with it: a membership change, not a failure.
+        # Its ranks stopped with the leaver's: a membership change, not a failure.
         assert "the job re-forms, no restart counted" in node.output
-    # Without the leave, the others waited for its heartbeats to time out (10 s) and then for
-    # a last call (20 s). Typical here: 4 s (make bench measures it in containers).
-    assert reformed < 20, master.output
+    assert "final loss" in new_rank_0.output
+    assert service.finish(timeout=120) == 0, service.output
     assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
+def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_a_save(tmp_path):
+    every = 5
+    args = " ".join(JOB) + f" --samples={SAMPLES} --save-every-steps={every} "
+    folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
+    service, started = start_nodes(tmp_path, 3, NNODES="3", ARGS=args + folders)
+    killed, staying = holding_rank_0(started, 3)
+    wait_for_records(killed.process, tmp_path, epoch=2, lines=500)
+    nodes.kill(killed.process)  # the launcher and its ranks: no stop, no save, no leave
+    new_rank_0, _ = holding_rank_0(staying, 2)
+    for node in staying:
+        assert node.finish() == 0, node.output
+    assert "final loss" in new_rank_0.output
+    assert service.finish(timeout=120) == 0, service.output
+    counted = samples.count(tmp_path / "log" / "samples")
+    assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
+    assert counted[0][3] == counted[2][3] == 0
+    assert 0 <= counted[1][3] <= every * BATCH * 3, counted  # repeated: at most 5 steps of 3
+
+
+def test_a_lost_rendezvous_service_stops_every_node_with_one_line_after_a_save(tmp_path):
+    service, started = start_nodes(tmp_path, 2, NNODES="2")
+    rank_0, _ = holding_rank_0(started, 2)
+    wait_for_records(rank_0.process, tmp_path, epoch=2)
+    nodes.kill(service.process)
+    lost = "ERROR: lost the rendezvous service 127.0.0.1:"
+    for node in started:
+        assert node.finish() == 1, node.output
+        assert node.output.count(lost) == 1, node.output
+        for trace in ("Traceback", "frame #"):
+            assert trace not in node.output, node.output
+    # Its ranks were stopped, and rank 0 saved where they stopped: a next start loses nothing.
+    assert re.search(r"r0\] stop requested: saved \S+ at epoch 2", rank_0.output), rank_0.output
+
+
 def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_once(tmp_path):
-    first = start_nodes(tmp_path, enumerate(["master", "worker"]), NNODES="2", MAX_NODES="3")
+    service, first = start_nodes(tmp_path, 2, NNODES="2", MAX_NODES="3")
     wait_for_records(first[0].process, tmp_path, epoch=2)
     # Started as `make scale` starts it: the settings of the running job, NNODES included.
-    joining = Node(**{**first[1].environment, "LOCAL_ADDR": "~worker-2"})
-    first[0].wait_for(r"world size 3")
+    joining = Node(**first[1].environment)
+    holding_rank_0([*first, joining], 3)
     for node in (*first, joining):
         assert node.finish() == 0, node.output
     assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
-    # RDZV_TIMEOUT far above the 10 s of silence after which a node is dropped.
-    master, worker = start_nodes(
-        tmp_path, enumerate(["master", "worker"]), NNODES="3", RDZV_TIMEOUT="100"
-    )
-    lost = nodes.ghost(master.environment, "~worker-lost")
+    # RDZV_TIMEOUT far above the 3 s of silence after which a node is dropped.
+    service, started = start_nodes(tmp_path, 2, NNODES="3", RDZV_TIMEOUT="100")
+    # Its address sorts last: it is not rank 0, whose own keys come before the exchange.
+    lost = nodes.ghost(started[0].environment, "~lost")
     assert lost.wait(timeout=120) == 0  # it was in the first round when it died
-    died = time.monotonic()
     # The others waited for its process count until it was dropped, not for RDZV_TIMEOUT, and
     # formed a round without it; before, their agents ended there, and the job with them.
-    assert master.wait_for("a node of the new round is gone: forming another") - died < 60
-    for node in (master, worker):
+    rank_0, _ = holding_rank_0(started, 2)
+    assert "a node of the new round is gone: forming another" in "".join(
+        node.output for node in started
+    )
+    for node in started:
         assert node.finish() == 0, node.output
-    assert "world size 2" in master.output
+    assert "final loss" in rank_0.output
     assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 

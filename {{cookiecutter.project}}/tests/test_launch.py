@@ -1,9 +1,7 @@
-"""docker/launch.py as a node runs it, here on one machine: the node's role, how torchrun starts
-the script, a worker's wait for the master, restarts and exit codes."""
+"""docker/launch.py as a node runs it, here on one machine: how torchrun starts the script, the
+wait for the rendezvous service, the address a node announces, restarts and exit codes."""
 
-import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -33,8 +31,7 @@ def start(tmp_path, **env):
     defaults = {
         "SCRIPT": str(tmp_path / "probe.py"),
         "ARGS": "--flag value",
-        "NODE_ROLE": "master",
-        "MASTER_ADDR": "127.0.0.1",
+        "RDZV_HOST": "1",  # a one-node job hosts its own store, as `make train-local` does
         "RDZV_PORT": str(free_port()),
         "NNODES": "1",
         "NPROC_PER_NODE": "2",
@@ -86,20 +83,21 @@ def test_start_methods_that_cannot_work_are_refused(tmp_path, env, message):
     assert message in result.stdout
 
 
-def test_worker_imports_torch_before_it_waits_for_the_master(tmp_path):
+def test_a_node_imports_torch_before_it_waits_for_the_rendezvous_service(tmp_path):
     port = free_port()  # nothing listens there
     result = launch(
         tmp_path,
-        NODE_ROLE="worker",
+        RDZV_HOST="0",
         RDZV_PORT=str(port),
         WAIT_TIMEOUT="1",
         PYTHONPROFILEIMPORTTIME="1",
     )
     assert result.returncode == 1, result.stdout
-    assert f"ERROR: master 127.0.0.1:{port} did not answer within 1s" in result.stdout
+    message = f"ERROR: the rendezvous service 127.0.0.1:{port} did not answer within 1s"
+    assert message in result.stdout
     lines = result.stdout.splitlines()
     imported = next(i for i, line in enumerate(lines) if re.search(r"\|\s+torch$", line))
-    waiting = next(i for i, line in enumerate(lines) if line.startswith("waiting for master"))
+    waiting = next(i for i, line in enumerate(lines) if line.startswith("waiting for the rendezv"))
     assert imported < waiting
 
 
@@ -128,7 +126,7 @@ def test_the_node_exits_with_the_scripts_status_and_retries_all_but_usage_errors
     assert result.stdout.count("SCRIPT RAN") == 2 * runs, result.stdout  # 2 processes a run
     assert f"exited with status {code}" in result.stdout
     assert "Traceback" not in result.stdout
-    # A worker container that Docker restarts reads it there.
+    # A node container that Docker restarts reads it there.
     assert marker.read_text() == f"{code}\n"
 
 
@@ -144,28 +142,47 @@ def test_an_error_on_one_rank_ends_every_rank_once_with_status_2(tmp_path):
     assert "Traceback" not in result.stdout
 
 
-def test_a_finished_two_node_job_ends_cleanly_on_both_nodes(tmp_path):
-    """The master hosts the rendezvous store and may exit first: the worker must not try to
-    close the rendezvous in a store that is gone (a connection error with a C++ stack)."""
-    port, run_id = free_port(), f"two-nodes-{os.getpid()}"
-    nodes = [
-        start(
-            tmp_path,
-            NODE_ROLE=role,
-            NNODES="2",
-            NPROC_PER_NODE="1",
-            RDZV_PORT=str(port),
-            RUN_ID=run_id,
-            START_METHOD="fork",
-        )
-        for role in ("master", "worker")
+def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_service(tmp_path):
+    """Every node closes the rendezvous as it ends and the service then stops: no node may print
+    a failed close or a connection error with a C++ stack."""
+    job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"two-nodes-{os.getpid()}"}
+    service = nodes.rendezvous(**job)
+    started = [
+        start(tmp_path, RDZV_HOST="0", NNODES="2", NPROC_PER_NODE="1", START_METHOD="fork", **job)
+        for _ in range(2)
     ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    for node, output in zip(nodes, outputs, strict=True):
+    outputs = [node.communicate(timeout=300)[0] for node in started]
+    for node, output in zip(started, outputs, strict=True):
         assert node.returncode == 0, output
         for trace in ("Traceback", "frame #", "failed to shutdown", "Error"):
             assert trace not in output, output
     assert sorted(p["rank"] for out in outputs for p in probes(out)) == ["0", "1"]
+    assert service.finish(timeout=60) == 0, service.output
+    assert "the job's rendezvous is closed: stopping" in service.output
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        (0, "the job finished before this node was taken in: nothing to do"),
+        (3, "ERROR: the job ended with status 3 before this node was taken in"),
+    ],
+)
+def test_a_node_that_comes_after_the_job_ended_exits_with_the_jobs_status(tmp_path, code, message):
+    """A node still on its way in when the job ended (a `make scale` at the last step, a node
+    Docker restarted) finds the rendezvous closed: it reports what the job ended with, so that
+    `make up` neither fails a finished job nor passes a failed one."""
+    (tmp_path / "exits.py").write_text(EXITS.format(code=code))
+    job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"late-{os.getpid()}-{code}"}
+    node = {"RDZV_HOST": "0", "NPROC_PER_NODE": "1", "START_METHOD": "fork", **job}
+    service = nodes.rendezvous(**job)
+    first = launch(tmp_path, SCRIPT=str(tmp_path / "exits.py"), **node)
+    assert first.returncode == code, first.stdout
+    late = launch(tmp_path, **node)
+    assert late.returncode == code, late.stdout
+    assert message in late.stdout
+    assert "PROBE" not in late.stdout and "Traceback" not in late.stdout
+    assert service.finish(timeout=60) == 0, service.output
 
 
 def test_a_node_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_path):
@@ -177,21 +194,25 @@ def test_a_node_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_p
     assert "PROBE" not in result.stdout
 
 
-def test_a_restarted_worker_whose_master_is_gone_exits_before_importing_torch(tmp_path):
+def test_a_restarted_node_whose_job_is_gone_exits_before_importing_torch_as_it_last_ended(
+    tmp_path,
+):
     marker = tmp_path / "marker"
     marker.write_text("137\n")  # killed; Docker restarted the container
-    port = free_port()  # nothing listens there
+    port = free_port()  # nothing listens there: the job ended and its rendezvous service too
     result = launch(
         tmp_path,
-        NODE_ROLE="worker",
+        RDZV_HOST="0",
         NODE_MARKER=str(marker),
         RDZV_PORT=str(port),
         REJOIN_TIMEOUT="1",
         WAIT_TIMEOUT="100",
         PYTHONPROFILEIMPORTTIME="1",
     )
-    assert result.returncode == 1, result.stdout
-    assert f"ERROR: master 127.0.0.1:{port} did not answer within 1s" in result.stdout
+    # Still the killed node: `make up` does not count it as a failure of the job.
+    assert result.returncode == 137, result.stdout
+    message = f"ERROR: the rendezvous service 127.0.0.1:{port} did not answer within 1s"
+    assert message in result.stdout
     assert not re.search(r"\|\s+torch$", result.stdout, re.MULTILINE)
 
 
@@ -203,30 +224,19 @@ def load_launcher():
 
 
 @pytest.mark.parametrize(
-    "env, role",
+    "env, address",
     [
-        ({"NODE_ROLE": "worker", "MASTER_ADDR": socket.gethostname()}, "worker"),
-        ({"JOB_COMPLETION_INDEX": "0", "MASTER_ADDR": "job-0.job"}, "master"),
-        ({"JOB_COMPLETION_INDEX": "2", "MASTER_ADDR": "job-0.job"}, "worker"),
-        # Two Slurm tasks on one node share the hostname: the task id decides.
-        ({"SLURM_PROCID": "1", "MASTER_ADDR": socket.gethostname()}, "worker"),
-        ({"MASTER_ADDR": socket.gethostname()}, "master"),
-        ({"MASTER_ADDR": "master-host-elsewhere"}, "worker"),
-        ({}, "master"),  # MASTER_ADDR defaults to 127.0.0.1: a one-node job
+        ({"RDZV_ADDR": "127.0.0.1"}, "127.0.0.1"),  # the interface that reaches the service
+        ({"RDZV_ADDR": "127.0.0.1", "LOCAL_ADDR": "10.1.2.3"}, "10.1.2.3"),
+        ({"RDZV_ADDR": "no-such-host.invalid"}, socket.gethostname()),
     ],
 )
-def test_the_role_is_decided_once_from_the_engine(monkeypatch, env, role):
-    for name in UNSET | {"MASTER_ADDR"}:
+def test_a_node_announces_an_address_the_others_can_dial(monkeypatch, env, address):
+    for name in UNSET | {"LOCAL_ADDR"}:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert load_launcher().node_role() == role
-
-
-def test_an_unknown_role_is_refused(tmp_path):
-    result = launch(tmp_path, NODE_ROLE="boss")
-    assert result.returncode == 2
-    assert "ERROR: NODE_ROLE must be master or worker, not 'boss'" in result.stdout
+    assert load_launcher().local_address() == address
 
 
 def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
@@ -244,23 +254,3 @@ def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
     assert node.returncode == 143, out
     assert "stop requested: saved" in out and "torchrun: stopped by SIGTERM" in out
     assert "Traceback" not in out
-
-
-def test_the_private_torch_names_the_launcher_relies_on_exist():
-    """torch is pinned; a new pin must keep these or the launcher must change with it."""
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
-
-    assert callable(LocalElasticAgent._monitor_workers)
-    assert callable(LocalElasticAgent._rendezvous)
-    assert callable(LocalElasticAgent._assign_worker_ranks)
-    for name in ("next_rendezvous", "shutdown", "_stop_heartbeats", "_get_deadline"):
-        assert callable(getattr(rdzv.DynamicRendezvousHandler, name)), name
-    assert {"min_nodes", "max_nodes"} <= {
-        f.name for f in dataclasses.fields(rdzv.RendezvousSettings)
-    }
-    assert callable(rdzv._RendezvousExitOp)
-    assert callable(rdzv._RendezvousJoinOp.__call__)
-    context = inspect.signature(rdzv._RendezvousContext).parameters
-    assert {"state", "settings"} <= set(context)
-    assert {"complete", "round"} <= set(vars(rdzv._RendezvousState()))

@@ -1,6 +1,7 @@
-"""`make chaos`: random graceful stops, kills and scale events on the workers of a `make up`, for
-a bounded time and from a seed; then the job must finish, train every sample at least once (and
-exactly once in the epochs no kill touched), and its last checkpoint must load.
+"""`make chaos`: random graceful stops, kills and scale events on the nodes of a `make up`, the
+one holding rank 0 included (every other stop or kill aims at it), for a bounded time and from a
+seed; then the job must finish, train every sample at least once (and exactly once in the epochs
+no kill touched), and its last checkpoint must load.
 
 Runs on the host with the Python standard library only: it drives make and docker.
 usage: python tools/chaos.py [--seconds 240] [--seed 0] [--nodes 3]
@@ -31,9 +32,9 @@ def main(argv=None):
     rng = random.Random(args.seed)
     # Epochs of a size that fits a 2G node (the synthetic set is held in memory); enough that
     # the job outlasts the window on a 1-CPU-per-node machine, so that every kind of event
-    # lands on it (3 nodes train about 3,000 samples/s here).
+    # lands on it (3 nodes train about 3,000 samples/s here, 1 node about as many).
     samples = 20000
-    args.epochs = args.epochs or max(3, round(args.seconds * 2500 / samples))
+    args.epochs = args.epochs or max(3, round(args.seconds * 3000 / samples))
     job = (
         f"--epochs {args.epochs} --samples {samples} --batch-size {BATCH} --record-samples"
         f" --save-every-steps {SAVE_EVERY} --checkpoint-dir /checkpoints/chaos"
@@ -61,12 +62,13 @@ def main(argv=None):
 def chaos(rng, args, running, started):
     """Events until the window ends or the job does: each kind once first, in a seeded order."""
     kinds = rng.sample(["stop", "kill", "scale"], 3)
-    events, kills = [], []
+    events, kills, aimed = [], [], 0
     while time.monotonic() - started < args.seconds and running.alive():
         time.sleep(rng.uniform(6, 12))
         kind = kinds.pop(0) if kinds else rng.choice(["stop", "kill", "scale", "scale"])
-        workers = sorted(compose("ps", "--status", "running", "--quiet", "worker"))
-        if kind != "scale" and not workers:
+        nodes = sorted(compose("ps", "--status", "running", "--quiet", "node"))
+        # The job needs a node left to go on with (MIN_NODES=1).
+        if kind != "scale" and len(nodes) < 2:
             kind = "scale"
         if not running.alive():
             break
@@ -77,15 +79,31 @@ def chaos(rng, args, running, started):
             if scaled.returncode:
                 what += f" failed: {scaled.stderr.strip()}"
         else:
-            worker = rng.choice(workers)
-            command = ["docker", "stop" if kind == "stop" else "kill", worker]
-            subprocess.run(command, check=False, capture_output=True)
-            what = f"{kind} worker {worker[:12]}"
+            holder = holding_rank_0(nodes)
+            aimed += 1
+            node = holder if holder and aimed % 2 else rng.choice(nodes)
+            subprocess.run(["docker", kind, node], check=False, capture_output=True)
+            what = f"{kind} node {node[:12]}" + (" (rank 0)" if node == holder else "")
             if kind == "kill":
                 kills.append(current_epoch())
-        events.append(kind)
+        events.append(f"{kind} rank 0" if "(rank 0)" in what else kind)
         print(f"chaos: {time.monotonic() - started:.0f}s {what}", flush=True)
     return events, kills
+
+
+def holding_rank_0(nodes):
+    """The running node whose rank 0 logged last (rank 0 logs every round's start and epoch)."""
+    newest = {}
+    for node in nodes:
+        logs = subprocess.run(
+            ["docker", "logs", "--timestamps", "--tail", "300", node],
+            capture_output=True,
+            text=True,
+        )
+        stamps = [line.split()[0] for line in logs.stdout.splitlines() if " r0] " in line]
+        if stamps:
+            newest[node] = max(stamps)
+    return max(newest, key=newest.get) if newest else None
 
 
 def check(status, events, kills, args, up, samples):
@@ -102,7 +120,8 @@ def check(status, events, kills, args, up, samples):
     ]
     resumed = subprocess.run([*up, "MAX_RESTARTS=0"], cwd=ROOT, capture_output=True, text=True)
     loads = resumed.returncode == 0 and f"epoch {args.epochs} done" in resumed.stdout
-    counts = ", ".join(f"{events.count(kind)} {kind}s" for kind in ("stop", "kill", "scale"))
+    kinds = ("stop", "stop rank 0", "kill", "kill rank 0", "scale")
+    counts = ", ".join(f"{events.count(kind)} {kind}" for kind in kinds)
     print(
         f"chaos: seed {args.seed}, {len(events)} events ({counts}), make up exited {status};"
         f" {len(rows)} epochs of {samples} samples: {sum(r[2] for r in rows)} missing,"

@@ -1,0 +1,67 @@
+"""The rendezvous service: the c10d store every training node dials, on no training node.
+
+It holds the job's membership (torch's c10d rendezvous state), nothing of training, so any
+training node may die, rank 0's included, and the job goes on. It ends by itself once the job
+has: when the rendezvous is closed (the job finished or failed), or when no node has sent a
+heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node stops with one
+line and the next start resumes from the last checkpoint (README, "What happens when").
+usage: python docker/rendezvous.py   (settings from the environment, as docker/launch.py)
+"""
+
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+DEFAULTS = {"RDZV_PORT": "29400", "RUN_ID": "ddp", "IDLE_TIMEOUT": "120"}
+# Long enough for nodes still on their way in to read that the rendezvous is closed, and the
+# job's status that the node which ended it records (docker/launch.py, `read_verdict`).
+CLOSED_GRACE_S = 10
+# After a stop (make down), the most it waits for the nodes, stopped at the same time, to leave:
+# gone first, it would make them report a lost service instead of a stop. Below Compose's
+# stop_grace_period for it.
+STOPPING_GRACE_S = 20
+
+
+def setting(name):
+    return os.environ.get(name) or DEFAULTS[name]
+
+
+def main():
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from elastic_patches import live_nodes as live
+
+    port, run_id, idle = int(setting("RDZV_PORT")), setting("RUN_ID"), int(setting("IDLE_TIMEOUT"))
+    store = TCPStore(
+        "0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+    print(f"rendezvous: serving {run_id} on port {port}", flush=True)
+    backend = C10dRendezvousBackend(store, run_id)
+    # A reader of the job's state that never joins it.
+    handler = DynamicRendezvousHandler.from_backend(run_id, store, backend, 1, 1)
+    last_seen = time.monotonic()
+    while True:
+        time.sleep(1)
+        if stopping and (time.monotonic() - stopping[0] > STOPPING_GRACE_S or not live(handler)):
+            print("rendezvous: stopped", flush=True)
+            return 0
+        if handler.is_closed():
+            print("rendezvous: the job's rendezvous is closed: stopping", flush=True)
+            time.sleep(CLOSED_GRACE_S)
+            return 0
+        if live(handler):
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen > idle:
+            print(f"rendezvous: no node for {idle}s: stopping", flush=True)
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The torch behaviour each patch of docker/elastic_patches.py relies on, checked against the
+installed torch: a torch that changes it fails here, not in a job. The patches' effects on whole
+jobs are in tests/test_launch.py and tests/test_elastic.py (named in each test below)."""
+
+import importlib.util
+import os
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from nodes import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def patches():
+    spec = importlib.util.spec_from_file_location(
+        "elastic_patches", ROOT / "docker" / "elastic_patches.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["elastic_patches"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pinned_torch_is_the_one_tested_and_another_is_named(patches):
+    import torch
+
+    assert patches.version_warning() is None, torch.__version__  # the pin and the patches agree
+    assert patches.version_warning("2.14.1+cpu") is None
+    warning = patches.version_warning("2.15.0")
+    assert "torch 2.15.0" in warning and f"tested with torch {patches.TESTED_TORCH}" in warning
+
+
+def context(rdzv, participants, round_, complete, min_nodes, max_nodes):
+    state = rdzv._RendezvousState()
+    state.round, state.complete = round_, complete
+    now = datetime.now().astimezone()  # aware, as torch's heartbeats are
+    for i in range(participants):
+        node = rdzv._NodeDesc(f"10.0.0.{i}", 100 + i, 0)
+        state.participants[node] = i
+        state.last_heartbeats[node] = now
+    timeout = rdzv.RendezvousTimeout(last_call=timedelta(seconds=2))
+    settings = rdzv.RendezvousSettings("job", min_nodes, max_nodes, timeout, timedelta(1), 3)
+    this = rdzv._NodeDesc("10.0.0.99", 999, 0)
+    state.last_heartbeats[this] = now
+    return rdzv._RendezvousContext(this, state, settings)
+
+
+def test_a_node_started_with_the_jobs_first_size_waits_for_the_next_round(patches):
+    """join_at_the_jobs_sizes: a node started with NNODES=2 for a running job of 2 whose
+    MAX_NODES is 3. torch alone puts it in the redundancy list (never taken in)."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    deadline = 1e12  # far away: the op compares it with time.monotonic()
+    original = patches.ORIGINAL[3]
+    ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=2, max_nodes=2)
+    assert original(rdzv._RendezvousJoinOp(), ctx, deadline) == rdzv._Action.ADD_TO_REDUNDANCY_LIST
+    patches.install(min_nodes=1, max_nodes=3, rdzv_timeout=30)
+    ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=2, max_nodes=2)
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.ADD_TO_WAIT_LIST
+    assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (1, 3)
+    # The job's first round keeps the sizes the node was started with: all NNODES.
+    ctx = context(rdzv, participants=1, round_=0, complete=False, min_nodes=2, max_nodes=2)
+    rdzv._RendezvousJoinOp()(ctx, deadline)
+    assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (2, 2)
+
+
+class RecordingStore:
+    """A store that holds keys in a dict and records the methods torch calls."""
+
+    def __init__(self):
+        self.keys, self.calls = {}, []
+
+    def __getattr__(self, name):
+        raise AssertionError(f"torch called store.{name}, which PolledStore does not have")
+
+    def set(self, key, value):
+        self.calls.append("set")
+        self.keys[key] = value
+
+    def multi_set(self, keys, values):
+        self.calls.append("multi_set")
+        self.keys.update(zip(keys, values, strict=True))
+
+    def get(self, key):
+        self.calls.append("get")
+        return self.keys[key]
+
+    def multi_get(self, keys):
+        self.calls.append("multi_get")
+        return [self.keys[key] for key in keys]
+
+    def check(self, keys):
+        return all(key in self.keys for key in keys)
+
+
+def test_torchs_process_count_exchange_uses_only_the_calls_polled_store_has(patches):
+    """assign_ranks_between_heartbeats hands torch a PolledStore, which has set, multi_set, get
+    and multi_get only."""
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    os.environ.pop("TORCH_ELASTIC_WORKER_IDENTICAL", None)
+    spec = WorkerSpec("default", 2, rdzv_handler=None, entrypoint="train.py")
+    store = RecordingStore()
+    polled = patches.PolledStore(store, 5, lambda: False)
+    workers = patches.ORIGINAL[2](LocalElasticAgent.__new__(LocalElasticAgent), polled, 0, 1, spec)
+    assert [w.global_rank for w in workers] == [0, 1] and workers[0].world_size == 2
+    assert set(store.calls) <= {"set", "multi_set", "get", "multi_get"} and store.calls
+
+
+def test_a_wait_for_a_dropped_nodes_key_ends_at_once(patches):
+    """PolledStore (tests/test_elastic.py: a node lost as its round forms)."""
+    from torch.distributed import DistStoreError
+
+    polled = patches.PolledStore(RecordingStore(), 100, lambda: True)
+    with pytest.raises(DistStoreError, match="never wrote"):
+        polled.get("torchelastic/role_info/1")
+
+
+def test_the_c10d_entry_makes_torchs_handler_and_remembers_it(patches):
+    """The registry entry that `leave` and PolledStore use the handler from."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+    node = patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)
+    endpoint = f"127.0.0.1:{free_port()}"
+    params = RendezvousParameters("c10d", endpoint, "remembered", 1, 1, is_host=True)
+    handler = get_rendezvous_handler(params)
+    try:
+        assert isinstance(handler, DynamicRendezvousHandler) and node.handler is handler
+        assert handler.get_backend() == "c10d"
+        handler.next_rendezvous()
+        assert len(node.members) == 1 and not node.a_member_is_gone()
+        assert patches.live_nodes(handler) == node.members  # what docker/rendezvous.py reads
+        patches.leave(handler)  # what a stopped node runs: it is no member any more
+        assert not patches.participants(handler) and node.a_member_is_gone()
+    finally:
+        handler.shutdown()
+
+
+def test_torch_polls_a_waiting_round_through_delay_of_one_second(patches, monkeypatch):
+    """poll_faster: torch's op executor sleeps through `_delay(seconds=1)` between reads of the
+    shared state while a node waits; the patch shortens that call and no other."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    delays = []
+    monkeypatch.setattr(rdzv, "_delay", lambda seconds: delays.append(seconds))
+    ctx = context(rdzv, participants=1, round_=1, complete=False, min_nodes=1, max_nodes=2)
+
+    class StateHolder:
+        state = ctx.state
+
+        def sync(self):
+            return None
+
+        def mark_dirty(self):
+            pass
+
+    actions = iter([rdzv._Action.SYNC, rdzv._Action.SYNC, rdzv._Action.FINISH])
+    executor = rdzv._DistributedRendezvousOpExecutor(ctx.node, StateHolder(), ctx.settings)
+    executor.run(lambda *_: next(actions), deadline=1e12)
+    assert delays == [1, 1]
+    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)  # wraps torch's own _delay
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # torch's _delay sleeps with time.sleep
+    rdzv._delay(1)
+    rdzv._delay((0.1, 0.3))
+    assert slept[0] == patches.POLL_S and 0.1 <= slept[1] <= 0.3, slept
+
+
+def test_a_heartbeat_is_due_on_every_tick_not_every_other(patches):
+    """keep_alive_due: torch's own rule skips the write of a tick that comes a moment before a
+    whole interval has passed, so a live node's heartbeat gets two intervals old."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    ctx = context(rdzv, participants=1, round_=1, complete=True, min_nodes=1, max_nodes=2)
+    tick = ctx.settings.keep_alive_interval
+    ctx.state.last_heartbeats[ctx.node] = datetime.now().astimezone() - tick * 0.9
+    assert patches.ORIGINAL[5](ctx) is False  # torch: this tick writes nothing
+    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)
+    assert rdzv._should_keep_alive(ctx) is True
+    ctx.state.last_heartbeats[ctx.node] = datetime.now().astimezone()
+    assert rdzv._should_keep_alive(ctx) is False  # just written: not due
+
+
+def test_a_node_dropped_from_its_round_counts_as_waiting_and_rejoins(patches):
+    """num_nodes_waiting_or_dropped: the others' heartbeat check removed this node from the
+    round it trains in; torch's agent would train on, alone."""
+    import pickle
+
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+    node = patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)
+    endpoint = f"127.0.0.1:{free_port()}"
+    params = RendezvousParameters("c10d", endpoint, "dropped", 1, 1, is_host=True)
+    handler = get_rendezvous_handler(params)
+    try:
+        handler.next_rendezvous()
+        assert handler.num_nodes_waiting() == 0
+        # What another node's sanitize writes when this node's heartbeats look dead.
+        backend = C10dRendezvousBackend(handler._store, "dropped")
+        data, token = backend.get_state()
+        state = pickle.loads(data)
+        del state.participants[handler._this_node]
+        assert backend.set_state(pickle.dumps(state), token)[2]
+        time.sleep(1.1)  # torch's state holder reads the store again after 1 s
+        assert handler.num_nodes_waiting() == 1
+        assert node.members  # it was in a round: the check applies
+    finally:
+        handler.shutdown()
