@@ -122,17 +122,17 @@ def test_own_script_written_for_torchruns_contract_runs_unchanged(project):
 def test_a_node_started_first_waits_for_the_rendezvous_service(project):
     args = {"ARGS": "--epochs 1 --samples 256 --checkpoint-dir /checkpoints/late-rendezvous"}
     project.compose("down", "--remove-orphans")
-    project.compose("up", "--detach", "--no-deps", "node", **args)
+    project.compose("up", "--detach", "--no-deps", "--scale", "node=2", "node", **args)
     waiting = "waiting for the rendezvous service rendezvous:29400"
-    wait_until(lambda: waiting in project.logs("node"), 60, "the node waiting")
+    wait_until(lambda: project.logs("node").count(waiting) == 2, 60, "both nodes waiting")
     assert "is up after" not in project.logs("node")
     project.compose("up", "--detach", "--no-deps", "rendezvous", **args)
     project.compose("wait", "node", "rendezvous", timeout=300)
     log = project.logs("node")
-    assert re.search(r"rendezvous rendezvous:29400 is up after \d+s", log), log
+    assert len(re.findall(r"rendezvous rendezvous:29400 is up after \d+s", log)) == 2, log
     assert "final loss" in log
     assert "the job's rendezvous is closed: stopping" in project.logs("rendezvous")
-    assert project.exit_codes() == ["node 0", "rendezvous 0"]
+    assert project.exit_codes() == ["node 0", "node 0", "rendezvous 0"]
 
 
 def test_make_test_runs_the_suite_inside_the_image(project):

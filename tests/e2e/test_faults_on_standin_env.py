@@ -38,7 +38,7 @@ def test_a_killed_rendezvous_service_stops_every_node_with_one_line_and_up_resum
     args = "ARGS=--epochs 50 --samples 4096 --checkpoint-dir /checkpoints/kill-rendezvous"
     job, _, _ = project.kill_during_training("rendezvous-1", "NODES=2", args, epoch=2)
     out = job.finish()
-    assert job.returncode == 1, out[-3000:]
+    assert job.returncode != 0, out[-3000:]
     assert out.count("ERROR: lost the rendezvous service rendezvous:29400") == 2, out[-3000:]
     assert "Traceback" not in out and "frame #" not in out, out[-3000:]
     assert "make up: FAILED: a node exited with status 1" in out
