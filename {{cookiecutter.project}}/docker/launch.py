@@ -373,4 +373,10 @@ if __name__ == "__main__":
         Path(marker).write_text(f"{status}\n")
     if tee:
         end_copy(tee)
-    sys.exit(status)
+    else:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Not sys.exit: the interpreter's teardown can destroy a C++ thread of torch's still running
+    # (the store this node hosted, a rendezvous client) and abort the process with SIGABRT after
+    # it has done its work (1 stopped host node in CI); there is nothing left to clean up.
+    os._exit(status)
