@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements-dev.txt
 	touch $@
 
 test: venv ## Run every test: render, lint, host training, and containers (needs Docker)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=40
 
 test-host: venv ## Run the tests that need neither a Docker Engine nor root (no docker, no slurm marker)
 	$(VENV)/bin/python -m pytest -m "not docker and not slurm"

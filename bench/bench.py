@@ -7,6 +7,7 @@ bench/results.md and bench/results.png. Every figure is the median of BENCH_REPE
 min and max. Exits 1 if a ratio is far off its target; the tests never time anything.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -318,14 +319,15 @@ def bench_elastic(results):
 
 
 def holding_rank_0():
-    """The running node container whose rank 0 logged last."""
-    newest = {}
-    for node in compose("ps", "--status", "running", "--quiet", "node").stdout.split():
-        logs = run(["docker", "logs", "--timestamps", "--tail", "300", node]).stdout
-        stamps = [line.split()[0] for line in logs.splitlines() if " r0] " in line]
-        if stamps:
-            newest[node] = max(stamps)
-    return max(newest, key=newest.get)
+    """The running node container whose rank 0 logged last, by the project's own `make chaos`."""
+    nodes = compose("ps", "--status", "running", "--quiet", "node").stdout.split()
+    spec = importlib.util.spec_from_file_location("chaos", PROJECT / "tools" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    holder = chaos.holding_rank_0(nodes)
+    if holder is None:
+        sys.exit("bench: no running node logged as rank 0")
+    return holder
 
 
 class Lines:

@@ -1,6 +1,7 @@
 """Helpers shared by the template's tests: rendering, commands, and a rendered project driven
 through its Makefile and Compose, as a user would."""
 
+import importlib.util
 import json
 import os
 import re
@@ -160,16 +161,15 @@ class Project:
         return job, time.monotonic(), name
 
     def holding_rank_0(self):
-        """The name of the running node container whose rank 0 logged last."""
-        newest = {}
-        for node in self.compose("ps", "--status", "running", "--quiet", "node").stdout.split():
-            logs = sh(["docker", "logs", "--timestamps", "--tail", "300", node]).stdout
-            stamps = [line.split()[0] for line in logs.splitlines() if " r0] " in line]
-            if stamps:
-                newest[node] = max(stamps)
-        assert newest, "no running node logged as rank 0"
-        holder = max(newest, key=newest.get)
-        return sh(["docker", "inspect", "-f", "{{.Name}}", holder]).stdout.strip().lstrip("/")
+        """The name of the running node container whose rank 0 logged last, found by the
+        project's own `tools/chaos.py` (what `make chaos` aims at)."""
+        nodes = self.compose("ps", "--status", "running", "--format", "{{.Name}}", "node")
+        spec = importlib.util.spec_from_file_location("chaos", self.root / "tools" / "chaos.py")
+        chaos = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(chaos)
+        holder = chaos.holding_rank_0(nodes.stdout.split())
+        assert holder, "no running node logged as rank 0"
+        return holder
 
     def containers(self):
         return self._labelled(["docker", "ps", "-aq"])

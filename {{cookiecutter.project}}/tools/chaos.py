@@ -92,7 +92,9 @@ def chaos(rng, args, running, started):
 
 
 def holding_rank_0(nodes):
-    """The running node whose rank 0 logged last (rank 0 logs every round's start and epoch)."""
+    """The node (of `nodes`, container names or ids) whose rank 0 logged last: rank 0 logs every
+    round's start and every epoch. None when none of them logged as rank 0. The template's bench
+    and e2e tests load this from the rendered project."""
     newest = {}
     for node in nodes:
         logs = subprocess.run(
