@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from helpers import TEMPLATE, render, tool
+from helpers import TEMPLATE, render, sh, tool
 
 # The supported combinations, one per axis that changes what is rendered.
 COMBINATIONS = {
@@ -123,15 +123,17 @@ def test_compose_config_carries_the_answers(project):
     assert int(node["shm_size"]) > 64 * 2**20
     assert node["environment"]["RDZV_ADDR"] == "rendezvous" == store["hostname"]
     assert "MASTER_ADDR" not in node["environment"]  # torchrun sets it: rank 0's node, any node
-    assert node["environment"]["NNODES"] == str(answers.get("nodes", 2))
+    assert node["environment"]["NODES"] == str(answers.get("nodes", 2))
     for service in (node, store):
         assert service["networks"] == {"ddp": None}
         assert "no-new-privileges:true" in service["security_opt"]
     volumes = {v["target"]: v for v in node["volumes"]}
-    assert set(volumes) == {"/app", "/data", "/checkpoints", "/logs", "/cache"}
-    assert volumes["/app"]["read_only"]
-    # The store trains nothing: the code only, no data, checkpoints, logs or GPU.
-    assert [(v["target"], v.get("read_only")) for v in store["volumes"]] == [("/app", True)]
+    # The code is the image's: no bind mount of the project folder (its .git, .env, keys).
+    assert set(volumes) == {"/data", "/checkpoints", "/logs", "/cache"}
+    assert volumes["/data"]["read_only"]
+    # The store trains nothing: no data, checkpoints, logs or GPU.
+    assert "volumes" not in store
+    assert node["init"] is True and store["init"] is True
     assert store["command"] == ["python", "/app/docker/rendezvous.py"]
     assert store["restart"] == "no" and store["healthcheck"]["test"][0] == "CMD"
     assert "reservations" not in store["deploy"]["resources"]
@@ -343,11 +345,13 @@ OTHER_VALUES = {
     "MEMORY": "3G",
     "SHM_SIZE": "512m",
     "RDZV_PORT": "29411",
-    "MASTER_PORT": "29511",
     "WAIT_TIMEOUT": "61",
     "REJOIN_TIMEOUT": "11",
     "HEARTBEAT_INTERVAL": "2",
     "HEARTBEAT_MISSES": "4",
+    "JOIN_TIMEOUT": "121",
+    "LAST_CALL_TIMEOUT": "2",
+    "RDZV_TIMEOUT": "31",
     "START_METHOD": "thread",
     "MIN_NODES": "2",
     "MAX_NODES": "6",
@@ -378,22 +382,29 @@ def test_every_knob_in_the_readme_reaches_the_containers(tmp_path, answers):
 
 
 @pytest.mark.parametrize("answers", [{}, {"gpu": "yes"}], ids=["cpu", "gpu"])
-def test_the_launcher_defaults_are_the_env_defaults(tmp_path, answers):
+def test_every_engine_takes_the_launchers_knobs_from_dot_env_alone(tmp_path, answers):
     root = render(tmp_path, **answers)
     spec = importlib.util.spec_from_file_location("launch", root / "docker" / "launch.py")
     launch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch)  # no torch at import: the launcher imports it later
-    defaults = launch.DEFAULTS
     env = env_settings(root)
-    # Empty launcher defaults leave the choice to the script (DDP_BACKEND).
-    shared = {name for name, value in defaults.items() if value and name in env}
-    assert shared >= {"RDZV_PORT", "WAIT_TIMEOUT", "REJOIN_TIMEOUT", "MAX_RESTARTS", "SCRIPT"}
-    assert shared >= {"HEARTBEAT_INTERVAL", "HEARTBEAT_MISSES"}
-    for name in shared - {"START_METHOD"}:
-        assert defaults[name] == env[name], name
-    # The launcher's default works on any node; .env picks fork where there is no GPU.
-    assert defaults["START_METHOD"] == "spawn"
-    assert env["START_METHOD"] == ("spawn" if gpu_on(answers) else "fork")
+    assert not hasattr(launch, "DEFAULTS")
+    assert set(launch.KNOBS) <= set(env), "a launcher knob has no default in .env"
+    assert not set(launch.ENGINE) & set(env), "an engine's own setting has a second default"
+    # Compose passes every knob with .env's value.
+    unset = {name: "" for name in OTHER_VALUES if name in os.environ}
+    node = compose_config(root, env=unset)["services"]["node"]["environment"]
+    assert {name: node[name] for name in launch.KNOBS} == {name: env[name] for name in launch.KNOBS}
+    # Kubernetes: every pod reads them from one ConfigMap, written from .env.
+    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1"], cwd=root, env={**os.environ, **unset})
+    settings = yaml.safe_load((root / "build" / "k8s" / "settings.yaml").read_text())
+    assert settings["kind"] == "ConfigMap"
+    assert settings["data"] == {name: env[name] for name in launch.KNOBS}
+    # Slurm sets only what the allocation decides; the launcher reads .env for the rest.
+    sbatch = (root / "slurm" / "train.sbatch").read_text()
+    exported = re.search(r"^export (.+)$", sbatch, re.MULTILINE).group(1).split()
+    assert set(exported) == {"RDZV_ADDR", "NODES", "MIN_NODES", "RUN_ID"}
+    assert launch.ENV_FILE == root / ".env"
 
 
 ANACONDA_HOSTS = ("repo.anaconda.com", "anaconda/pkgs", "defaults")

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import checkpoint, distributed, tasks
 from {{ cookiecutter.package }}.data import DataError, readable_dir, writable_dir
+from {{ cookiecutter.package }}.health import beating
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
 from {{ cookiecutter.package }}.metrics import MetricsLog, Sums, describe
 from {{ cookiecutter.package }}.samples import SampleLog
@@ -206,7 +207,7 @@ def evaluate(model, loader, task, stepper, device):
     distributed.sync_buffers(model)
     model.eval()
     sums = Sums(device)
-    for batch, ids in loader:
+    for batch, ids in beating(loader):
         with stepper.autocast():
             loss, extra = task.step(model, to_device(batch, device))
         sums.add_batch(loss, len(ids), extra)
@@ -333,7 +334,7 @@ def train(args, task, stop):
             batches.set_epoch(epoch, resumed.samples if epoch == resumed.epoch else 0)
             sample_log.start(epoch, len(train_set))
             started = time.perf_counter()
-            shown = progress(loader, batches, epoch, args.epochs, args.progress_every)
+            shown = beating(progress(loader, batches, epoch, args.epochs, args.progress_every))
             sums, steps, stopped = run_epoch(
                 net, shown, batches, stepper, task, stop, after_step, device
             )

@@ -25,6 +25,7 @@ def test_a_failed_build_stops_make_up_before_any_container_starts(project):
     assert result.returncode != 0, out[-3000:]
     assert f"make build: ERROR: the build of {project.name}:latest failed" in out
     assert project.containers() == [], "no container may start from the older image"
+    assert not (project.root / "build" / "status").exists(), "no job ran: no status"
 
 
 def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
@@ -38,6 +39,8 @@ def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
     assert out.count("unrecognized arguments: --bogus") == 1
     assert "a usage or data error: not restarted" in out
     assert project.exit_codes() == ["node 2", "node 2", "rendezvous 0"]
+    # What a calling script sees: make's own 2, the job's status in build/status.
+    assert result.returncode == 2 and (project.root / "build" / "status").read_text() == "2\n"
     record(bad_argument_to_exit_s=round(seconds, 1))
 
 

@@ -31,6 +31,7 @@ def test_killed_node_holding_rank_0_job_reforms_resumes_and_finishes(project):
     assert sorted(set(epochs_logged(out))) == [1, 2, 3, 4, 5, 6]
     assert re.findall(r"world size (\d+)", out)[-1] == "2"
     assert f"{name} was killed (status 137)" in out
+    assert (project.root / "build" / "status").read_text() == "0\n"
     record(rank0_node_killed_to_resumed_s=round(resumed - killed, 1))
 
 
@@ -42,6 +43,8 @@ def test_a_killed_rendezvous_service_stops_every_node_with_one_line_and_up_resum
     assert out.count("ERROR: lost the rendezvous service rendezvous:29400") == 2, out[-3000:]
     assert "Traceback" not in out and "frame #" not in out, out[-3000:]
     assert "make up: FAILED: a node exited with status 1" in out
+    # make exits 2 from a failed recipe: the job's own status is for scripts in build/status.
+    assert job.returncode == 2 and (project.root / "build" / "status").read_text() == "1\n"
     assert project.compose("ps", "-q").stdout.strip() == "", "no container may be left running"
     # The ranks stopped after a save: the next `make up` resumes from it.
     saved = re.search(r"stop requested: saved (\S+) at epoch", out)
@@ -179,7 +182,9 @@ def test_corrupt_checkpoint_is_moved_aside_not_deleted(project):
     assert (folder / "ckpt-epoch0001.pt").exists()
 
 
-def test_image_holds_no_git_data_checkpoints_or_secrets(project):
+def test_a_node_sees_no_git_data_checkpoints_or_secrets_of_the_project_folder(project):
+    """The nodes run the image's copy of the code (no bind mount of the project folder), and the
+    build leaves out what is not code: a node cannot read them."""
     planted = [
         ".git/config",
         "data/cat/1.png",
@@ -187,6 +192,8 @@ def test_image_holds_no_git_data_checkpoints_or_secrets(project):
         ".env.local",
         "docker/server.key",
         "id_rsa.pem",
+        "id_rsa",
+        "keys/id_ed25519",
     ]
     for path in planted:
         target = project.root / path
@@ -194,12 +201,64 @@ def test_image_holds_no_git_data_checkpoints_or_secrets(project):
         target.write_text("secret")
     try:
         project.make("build")
-        listing = sh(
-            ["docker", "run", "--rm", "--entrypoint", "find", f"{project.name}:latest", "/app"]
-        ).stdout.split()
+        code, out = project.run(
+            "node", "find", "/app", "-path", "/app/.venv", "-prune", "-o", "-print"
+        )
     finally:
         for path in planted:
             (project.root / path).unlink()
-    for path in planted:
+    listing = out.split()
+    assert code == 0, out
+    assert (project.root / ".env").is_file()  # the project's settings, which may hold tokens
+    for path in [*planted, ".env"]:
         assert f"/app/{path}" not in listing
     assert "/app/train_dist.py" in listing
+
+
+# Stops (SIGSTOP) the training processes of a node: the children of its launcher, PID 1's child
+# (docker-init is PID 1), but its log copy (tee).
+STOP_RANKS = """
+import os, signal
+def stat(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+launcher = next(p for p in pids if stat(p)[1] == "1")
+for pid in pids:
+    if stat(pid)[1] == launcher and open(f"/proc/{pid}/comm").read().strip() != "tee":
+        os.kill(int(pid), signal.SIGSTOP)
+        print("stopped", pid)
+"""
+
+
+def health(container):
+    return sh(["docker", "inspect", "-f", "{{.State.Health.Status}}", container]).stdout.strip()
+
+
+def wait_for_health(containers, status, timeout=180):
+    """Bounded poll until every container reports `status`; the last statuses seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {name: health(name) for name in containers}
+        if set(seen.values()) == {status} or time.monotonic() > deadline:
+            return seen
+        time.sleep(2)
+
+
+def test_a_node_whose_rank_hangs_in_a_collective_turns_unhealthy_and_so_do_its_peers(project):
+    job = project.start_up(
+        "NODES=2",
+        "HEALTH_TIMEOUT=5",
+        "ARGS=--epochs 50 --samples 8192 --checkpoint-dir /checkpoints/health",
+    )
+    try:
+        job.read_until(r"epoch 1/50")
+        nodes = [f"{project.name}-node-1", f"{project.name}-node-2"]
+        assert wait_for_health(nodes, "healthy") == dict.fromkeys(nodes, "healthy")
+        stopped = sh(["docker", "exec", nodes[0], "python", "-c", STOP_RANKS]).stdout
+        assert stopped.count("stopped") == 1, stopped
+        # The stopped rank makes no step; its peer waits for it in the next all-reduce.
+        assert wait_for_health(nodes, "unhealthy") == dict.fromkeys(nodes, "unhealthy")
+        assert project.make("ps").stdout.count("(unhealthy)") == 2
+    finally:
+        project.compose("kill")
+        job.finish()

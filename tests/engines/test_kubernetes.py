@@ -132,11 +132,84 @@ def strictly(tmp_path, name, *documents):
     return sh(command, check=False)
 
 
+def pods(manifests):
+    """The plain Job's and the PyTorchJob's pod specs."""
+    _, job, documents, _ = manifests
+    plain = next(d for d in documents if d["kind"] == "Job")["spec"]["template"]["spec"]
+    return plain, job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+
+
+def test_a_usage_error_is_not_restarted_and_a_killed_pod_is_replaced(manifests):
+    """Kubeflow's ExitCode policy: 1-127 fail the job, 128+ (killed, evicted) restart the pod;
+    the plain Job fails at once on 2 (podFailurePolicy) and retries the rest (backoffLimit)."""
+    _, job, documents, _ = manifests
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "ExitCode"
+    plain = next(d for d in documents if d["kind"] == "Job")
+    assert plain["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+
+
+def test_the_restart_marker_outlives_a_container_and_checkpoints_a_pod(manifests):
+    for pod in pods(manifests):
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        # kubelet starts a fresh container on a restart: the marker is on the pod's volume.
+        assert env["NODE_MARKER"] == "/node-state/started"
+        assert volumes[mounts["/node-state"]]["emptyDir"] == {}
+        # Every pod, and every retry, saves to and resumes from the same claim.
+        claim = volumes[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == f"{manifests[0].name}-checkpoints"
+
+
+def test_the_checkpoint_claim_is_a_knob(tmp_path):
+    root = render(tmp_path, nodes=2)
+    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1", "CHECKPOINT_PVC=team-ckpt"], cwd=root)
+    job = yaml.safe_load((root / "build" / "k8s" / "pytorchjob.yaml").read_text())
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["team-ckpt"]
+
+
+def test_every_pod_reads_the_knobs_from_the_settings_config_map(manifests):
+    root = manifests[0]
+    settings = yaml.safe_load((root / "build" / "k8s" / "settings.yaml").read_text())
+    assert settings["metadata"]["name"] == f"{root.name}-settings"
+    assert settings["data"]["NODES"] == "4" and settings["data"]["NPROC_PER_NODE"] == "1"
+    for pod in pods(manifests):
+        container = pod["containers"][0]
+        assert container["envFrom"] == [{"configMapRef": {"name": f"{root.name}-settings"}}]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]  # a CPU render
+
+
+def test_a_gpu_render_requests_a_gpu_per_process_on_kubernetes_and_slurm(tmp_path):
+    root = render(tmp_path, gpu="cu128")
+    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1", "NPROC_PER_NODE=4"], cwd=root)
+    out = root / "build" / "k8s"
+    job = yaml.safe_load((out / "pytorchjob.yaml").read_text())
+    plain = next(
+        d for d in yaml.safe_load_all((out / "job.yaml").read_text()) if d["kind"] == "Job"
+    )
+    for pod in (
+        job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"],
+        plain["spec"]["template"]["spec"],
+    ):
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    sbatch = (root / "slurm" / "train.sbatch").read_text()
+    assert "#SBATCH --gpus-per-node=1\n" in sbatch
+    assert "apptainer exec --nv " in sbatch
+
+
 def test_job_and_rendezvous_pass_kubernetes_strict_validation(manifests, tmp_path):
-    _, _, documents, rendezvous = manifests
-    result = strictly(tmp_path, "job", *documents, *rendezvous)
+    root, _, documents, rendezvous = manifests
+    settings = yaml.safe_load((root / "build" / "k8s" / "settings.yaml").read_text())
+    result = strictly(tmp_path, "job", *documents, *rendezvous, settings)
     assert result.returncode == 0, result.stdout + result.stderr
-    for kind in ("job", "service"):
+    for kind in ("job", "service", "configmap"):
         assert f"passed for resource {kind}/" in result.stdout + result.stderr
 
 

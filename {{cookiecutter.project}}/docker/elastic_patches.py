@@ -17,7 +17,7 @@ exchange (`PolledStore`), but then the ranks of a round that lost a node as it f
 its ranks in `init_process_group` until `--timeout` (120 s) instead of the 3 s that the dropped
 heartbeats take; `--nnodes=MIN:MAX` on every node would replace `join_at_the_jobs_sizes`, but
 then the job's first round forms with MIN_NODES after a last call instead of waiting for all
-NNODES. Tried and dropped: completing a re-forming round as soon as every node with a live
+NODES. Tried and dropped: completing a re-forming round as soon as every node with a live
 heartbeat had joined it (no last call). torch removes a node's heartbeat as it leaves a round
 to join the next, so for a moment a node on its way back looks gone: in a 240 s chaos run a
 stop on 4 nodes formed a round of 1, then one of 3. The last call (LAST_CALL_TIMEOUT, 1 s, five
@@ -145,7 +145,7 @@ def install(min_nodes, max_nodes, rdzv_timeout):
         """torch applies each node's own --nnodes to the shared rendezvous state, so nodes started
         with different sizes disagree on when a round is complete (no upstream fix; the docs ask
         for equal --nnodes). Changed: once the job's first round has formed, every node joins with
-        MIN_NODES..MAX_NODES, whatever NNODES it was started with (a `make scale` node, a
+        MIN_NODES..MAX_NODES, whatever NODES it was started with (a `make scale` node, a
         replacement): else a node could clear the last call the others waited for, or wait in
         torch's redundancy list and never be taken in."""
         state = context.state

@@ -3,7 +3,7 @@
 Every engine starts a training node with `python docker/launch.py`: Compose (the image's
 command), Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. The nodes are alike:
 the rendezvous store runs apart (docker/rendezvous.py), and rank 0 is whichever node a round
-makes it. Settings come from the environment; DEFAULTS holds the default of each. README, "How a
+makes it. Settings come from the environment, their defaults from .env (KNOBS). README, "How a
 node starts", says why each step; docker/elastic_patches.py holds the changes to torch.
 """
 
@@ -15,32 +15,40 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = {
-    "SCRIPT": "train_dist.py",
-    "ARGS": "",
+# The knobs (README's table). Their defaults are in the project's .env and nowhere else: every
+# engine passes them to its nodes (Compose's environment, the Kubernetes ConfigMap), and a node
+# started without them on the host (Slurm, `python docker/launch.py`) reads .env itself.
+KNOBS = (
+    "SCRIPT",
+    "ARGS",
+    "RDZV_PORT",
+    "NODES",
+    "MIN_NODES",
+    "MAX_NODES",
+    "NPROC_PER_NODE",
+    "MAX_RESTARTS",
+    "START_METHOD",
+    "DDP_BACKEND",
+    "WAIT_TIMEOUT",
+    "REJOIN_TIMEOUT",
+    "JOIN_TIMEOUT",
+    "LAST_CALL_TIMEOUT",
+    "RDZV_TIMEOUT",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_MISSES",
+    "HEALTH_TIMEOUT",  # read by docker/healthcheck.sh
+)
+# What each engine sets for its own nodes; the defaults fit a one-node job on the host.
+ENGINE = {
     "RDZV_ADDR": "127.0.0.1",  # the rendezvous service (docker/rendezvous.py)
-    "RDZV_PORT": "29400",
     "RDZV_HOST": "",  # 1: this node hosts the store itself (a one-node job on the host)
-    "NNODES": "1",
-    "MIN_NODES": "1",
-    "MAX_NODES": "",  # empty: NNODES
-    "NPROC_PER_NODE": "1",
-    "MAX_RESTARTS": "3",
     "RUN_ID": "ddp",
-    "START_METHOD": "spawn",
-    "WAIT_TIMEOUT": "60",
-    "REJOIN_TIMEOUT": "10",
-    "JOIN_TIMEOUT": "120",
-    "LAST_CALL_TIMEOUT": "1",
-    "RDZV_TIMEOUT": "30",
-    # A node whose last heartbeat is HEARTBEAT_INTERVAL x HEARTBEAT_MISSES s old is dropped.
-    "HEARTBEAT_INTERVAL": "1",
-    "HEARTBEAT_MISSES": "3",
     "NODE_MARKER": "",  # the image sets one: a file that outlives a container restart
+    "HEALTH_FILE": "",  # the image sets one: docker/healthcheck.sh reads its age
     "LOG_DIR": "",
     "LOCAL_ADDR": "",  # empty: this node's address on the way to the rendezvous service
-    "DDP_BACKEND": "",
 }
+ENV_FILE = Path(__file__).resolve().parents[1] / ".env"
 USAGE_ERROR = 2  # argparse's status, and train_dist.py's for data and folder errors
 
 
@@ -51,6 +59,9 @@ def main():
         error("not restarting: the last run ended with a usage or data error (exit status 2)")
         return USAGE_ERROR
     script = checked_script()
+    # The last run's heartbeat would date this one: until a batch, the node is starting.
+    if setting("HEALTH_FILE"):
+        Path(setting("HEALTH_FILE")).unlink(missing_ok=True)
     hosting, restarted = setting("RDZV_HOST") == "1", last is not None
     # A restarted node's job was running before: if its rendezvous is gone now (the job has
     # ended), exit before the import, with the status that ended the node's last run.
@@ -59,7 +70,7 @@ def main():
     prepare_processes(script)
     print(
         f"node {local_address()}: torchrun {setting('SCRIPT')} {setting('ARGS')} (nodes"
-        f" {setting('MIN_NODES')}-{setting('NNODES')}, threads {os.environ['OMP_NUM_THREADS']},"
+        f" {setting('MIN_NODES')}-{setting('NODES')}, threads {os.environ['OMP_NUM_THREADS']},"
         f" {setting('START_METHOD')})",
         flush=True,
     )
@@ -171,10 +182,6 @@ def local_address():
         return socket.gethostname()
 
 
-def max_nodes():
-    return int(setting("MAX_NODES") or setting("NNODES"))
-
-
 def patches():
     """docker/elastic_patches.py, loaded from its file: sys.path[0] is the script's folder."""
     import importlib.util
@@ -197,9 +204,9 @@ def torchrun_arguments(script):
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
     addr, port = rendezvous_endpoint()
     return [
-        # All NNODES for the job's first round; once it has formed, docker/elastic_patches.py widens
+        # All NODES for the job's first round; once it has formed, docker/elastic_patches.py widens
         # every node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
-        f"--nnodes={setting('NNODES')}",
+        f"--nnodes={setting('NODES')}",
         f"--nproc-per-node={setting('NPROC_PER_NODE')}",
         f"--rdzv-backend={patches().BACKEND}",
         f"--rdzv-endpoint={addr}:{port}",
@@ -229,7 +236,8 @@ def run_torchrun(arguments):
     warning = elastic.version_warning()
     if warning:
         print(warning, flush=True)
-    node = elastic.install(int(setting("MIN_NODES")), max_nodes(), int(setting("RDZV_TIMEOUT")))
+    sizes = int(setting("MIN_NODES")), int(setting("MAX_NODES"))
+    node = elastic.install(*sizes, int(setting("RDZV_TIMEOUT")))
     try:
         main(arguments)
         record_verdict(0)
@@ -260,7 +268,7 @@ def run_torchrun(arguments):
         return verdict or 1
     except RendezvousTimeoutError:
         error(
-            f"no round of {setting('NNODES')} nodes formed within {setting('JOIN_TIMEOUT')}s:"
+            f"no round of {setting('NODES')} nodes formed within {setting('JOIN_TIMEOUT')}s:"
             " a node did not come, or two nodes announce the same address (set LOCAL_ADDR)"
         )
         return 1
@@ -328,7 +336,26 @@ def read_verdict(wait_s=5):
 
 
 def setting(name):
-    return os.environ.get(name) or DEFAULTS[name]
+    """A knob from the environment, else from .env; an engine's own setting, else its default."""
+    if name in ENGINE:
+        return os.environ.get(name) or ENGINE[name]
+    # Set but empty (ARGS= on the make command line, in an image with no .env) is a value too.
+    value = os.environ.get(name) or env_file().get(name, os.environ.get(name))
+    if value is None:
+        raise Refused(f"{name} is not set: pass it to every node, or run beside the project's .env")
+    return value
+
+
+def env_file():
+    """The project's .env (KEY=value lines), read once; empty where there is none (an image)."""
+    if not hasattr(env_file, "values"):
+        env_file.values = {}
+        if ENV_FILE.is_file():
+            for line in ENV_FILE.read_text().splitlines():
+                key, equals, value = line.partition("=")
+                if equals and not key.startswith("#"):
+                    env_file.values[key.strip()] = value.strip()
+    return env_file.values
 
 
 def error(message):

@@ -5,7 +5,7 @@ training node may die, rank 0's included, and the job goes on. It ends by itself
 has: when the rendezvous is closed (the job finished or failed), or when no node has sent a
 heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node stops with one
 line and the next start resumes from the last checkpoint (README, "What happens when").
-usage: python docker/rendezvous.py   (settings from the environment, as docker/launch.py)
+usage: python docker/rendezvous.py   (settings from the environment, else .env, as docker/launch.py)
 """
 
 import os
@@ -14,7 +14,10 @@ import sys
 import time
 from datetime import timedelta
 
-DEFAULTS = {"RDZV_PORT": "29400", "RUN_ID": "ddp", "IDLE_TIMEOUT": "120"}
+from launch import setting  # RDZV_PORT and RUN_ID as every node reads them
+
+# Seconds with no node's heartbeat after which the service ends (a test sets less).
+IDLE_TIMEOUT = "120"
 # Long enough for nodes still on their way in to read that the rendezvous is closed, and the
 # job's status that the node which ended it records (docker/launch.py, `read_verdict`).
 CLOSED_GRACE_S = 10
@@ -22,10 +25,6 @@ CLOSED_GRACE_S = 10
 # gone first, it would make them report a lost service instead of a stop. Below Compose's
 # stop_grace_period for it.
 STOPPING_GRACE_S = 20
-
-
-def setting(name):
-    return os.environ.get(name) or DEFAULTS[name]
 
 
 def main():
@@ -38,7 +37,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from elastic_patches import live_nodes as live
 
-    port, run_id, idle = int(setting("RDZV_PORT")), setting("RUN_ID"), int(setting("IDLE_TIMEOUT"))
+    port, run_id = int(setting("RDZV_PORT")), setting("RUN_ID")
+    idle = int(os.environ.get("IDLE_TIMEOUT") or IDLE_TIMEOUT)
     store = TCPStore(
         "0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
     )

@@ -1,8 +1,12 @@
-"""Fill the ${...} of the Kubernetes manifests in from .env and the environment.
+"""Fill the ${...} of the Kubernetes manifests in from .env and the environment, and write the
+launcher's knobs (docker/launch.py KNOBS) into a ConfigMap that every training pod reads, so
+that a pod runs with the same settings as a Compose node.
 
 usage: python k8s/render.py OUT_DIR     (make k8s-manifests IMAGE=registry/name:tag)
 """
 
+import importlib.util
+import json
 import os
 import re
 import sys
@@ -37,16 +41,38 @@ def settings():
     values = {
         **env,
         "PROJECT": env["COMPOSE_PROJECT_NAME"],
+        # The claim checkpoints are saved to (make k8s-manifests CHECKPOINT_PVC=name).
+        "CHECKPOINT_PVC": os.environ.get("CHECKPOINT_PVC")
+        or f"{env['COMPOSE_PROJECT_NAME']}-checkpoints",
         "MEMORY": quantity(env["MEMORY"]),
         "SHM_SIZE": quantity(env["SHM_SIZE"]),
     }
     return values
 
 
+def knobs():
+    spec = importlib.util.spec_from_file_location("launch", HERE.parent / "docker" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)  # imports no torch
+    return launch.KNOBS
+
+
+def config_map(values):
+    """The ConfigMap `<project>-settings`: JSON strings are YAML strings, quoted as needed."""
+    data = "".join(f"  {name}: {json.dumps(values[name])}\n" for name in knobs())
+    return (
+        "# The launcher's knobs, from .env and the make command line (k8s/render.py).\n"
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {values['PROJECT']}-settings\n"
+        f"data:\n{data}"
+    )
+
+
 def main(out_dir):
     values = settings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.yaml").write_text(config_map(values))
+    print(f"wrote {out / 'settings.yaml'}")
     for manifest in ("rendezvous.yaml", "pytorchjob.yaml", "job.yaml"):
         text = Template((HERE / manifest).read_text()).safe_substitute(values)
         left = sorted(set(re.findall(r"\$\{(\w+)\}", text)))

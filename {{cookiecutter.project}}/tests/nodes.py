@@ -39,10 +39,13 @@ def start(program="launch.py", **env):
     and stderr merged), in its own process group: kill() ends it as `docker kill` ends a
     container."""
     inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
+    # The same on any render and machine (a GPU render's .env has nccl): CPU processes that
+    # start as on every engine; a test that needs fork says so.
+    fixed = {"START_METHOD": "spawn", "DDP_BACKEND": "gloo"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "docker" / program)],
         cwd=ROOT,
-        env={**inherited, **env},
+        env={**inherited, **fixed, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -111,7 +114,7 @@ def ghost(job, name):
     """The ghost node for the job a Node was started with (its environment); returns its
     process."""
     endpoint = f"{job['RDZV_ADDR']}:{job['RDZV_PORT']}"
-    arguments = [endpoint, job["RUN_ID"], job["NNODES"], name]
+    arguments = [endpoint, job["RUN_ID"], job["NODES"], name]
     return subprocess.Popen([sys.executable, "-c", GHOST, *arguments], cwd=ROOT)
 
 

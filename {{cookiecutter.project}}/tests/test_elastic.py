@@ -166,7 +166,7 @@ def test_the_node_holding_rank_0_stopped_mid_epoch_leaves_and_the_rest_go_on_wit
 ):
     # MAX_RESTARTS=0: a leave is no failure, so it needs no restart. Two nodes, so that the
     # suite fits one 2 GB container (make test).
-    service, started = start_nodes(tmp_path, 2, NNODES="2", MAX_RESTARTS="0")
+    service, started = start_nodes(tmp_path, 2, NODES="2", MAX_RESTARTS="0")
     leaving, staying = holding_rank_0(started, 2)
     wait_for_records(leaving.process, tmp_path, epoch=2)
     leaving.process.send_signal(signal.SIGTERM)
@@ -188,7 +188,7 @@ def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_
     every = 5
     args = " ".join(JOB) + f" --samples={SAMPLES} --save-every-steps={every} "
     folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
-    service, started = start_nodes(tmp_path, 2, NNODES="2", ARGS=args + folders)
+    service, started = start_nodes(tmp_path, 2, NODES="2", ARGS=args + folders)
     killed, staying = holding_rank_0(started, 2)
     wait_for_records(killed.process, tmp_path, epoch=2, lines=500)
     nodes.kill(killed.process)  # the launcher and its ranks: no stop, no save, no leave
@@ -204,7 +204,7 @@ def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_
 
 
 def test_a_lost_rendezvous_service_stops_every_node_with_one_line_after_a_save(tmp_path):
-    service, started = start_nodes(tmp_path, 2, NNODES="2")
+    service, started = start_nodes(tmp_path, 2, NODES="2")
     rank_0, _ = holding_rank_0(started, 2)
     wait_for_records(rank_0.process, tmp_path, epoch=2)
     nodes.kill(service.process)
@@ -219,9 +219,9 @@ def test_a_lost_rendezvous_service_stops_every_node_with_one_line_after_a_save(t
 
 
 def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_once(tmp_path):
-    service, first = start_nodes(tmp_path, 1, NNODES="1", MAX_NODES="2")
+    service, first = start_nodes(tmp_path, 1, NODES="1", MAX_NODES="2")
     wait_for_records(first[0].process, tmp_path, epoch=2)
-    # Started as `make scale` starts it: the settings of the running job, NNODES included.
+    # Started as `make scale` starts it: the settings of the running job, NODES included.
     joining = Node(**first[0].environment)
     holding_rank_0([*first, joining], 2)
     for node in (*first, joining):
@@ -231,7 +231,7 @@ def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_onc
 
 def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
     # RDZV_TIMEOUT far above the 3 s of silence after which a node is dropped.
-    service, started = start_nodes(tmp_path, 2, NNODES="3", RDZV_TIMEOUT="100")
+    service, started = start_nodes(tmp_path, 2, NODES="3", RDZV_TIMEOUT="100")
     # Its address sorts last: it is not rank 0, whose own keys come before the exchange.
     lost = nodes.ghost(started[0].environment, "~lost")
     assert lost.wait(timeout=120) == 0  # it was in the first round when it died

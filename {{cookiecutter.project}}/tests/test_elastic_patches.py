@@ -51,7 +51,7 @@ def context(rdzv, participants, round_, complete, min_nodes, max_nodes):
 
 
 def test_a_node_started_with_the_jobs_first_size_waits_for_the_next_round(patches):
-    """join_at_the_jobs_sizes: a node started with NNODES=2 for a running job of 2 whose
+    """join_at_the_jobs_sizes: a node started with NODES=2 for a running job of 2 whose
     MAX_NODES is 3. torch alone puts it in the redundancy list (never taken in)."""
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
 
@@ -63,7 +63,7 @@ def test_a_node_started_with_the_jobs_first_size_waits_for_the_next_round(patche
     ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=2, max_nodes=2)
     assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.ADD_TO_WAIT_LIST
     assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (1, 3)
-    # The job's first round keeps the sizes the node was started with: all NNODES.
+    # The job's first round keeps the sizes the node was started with: all NODES.
     ctx = context(rdzv, participants=1, round_=0, complete=False, min_nodes=2, max_nodes=2)
     rdzv._RendezvousJoinOp()(ctx, deadline)
     assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (2, 2)

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import nodes
@@ -33,7 +34,7 @@ def start(tmp_path, **env):
         "ARGS": "--flag value",
         "RDZV_HOST": "1",  # a one-node job hosts its own store, as `make train-local` does
         "RDZV_PORT": str(free_port()),
-        "NNODES": "1",
+        "NODES": "1",
         "NPROC_PER_NODE": "2",
         "MAX_RESTARTS": "0",
         "RUN_ID": f"test-{os.getpid()}",
@@ -148,7 +149,7 @@ def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_s
     job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"two-nodes-{os.getpid()}"}
     service = nodes.rendezvous(**job)
     started = [
-        start(tmp_path, RDZV_HOST="0", NNODES="2", NPROC_PER_NODE="1", START_METHOD="fork", **job)
+        start(tmp_path, RDZV_HOST="0", NODES="2", NPROC_PER_NODE="1", START_METHOD="fork", **job)
         for _ in range(2)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in started]
@@ -237,6 +238,76 @@ def test_a_node_announces_an_address_the_others_can_dial(monkeypatch, env, addre
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert load_launcher().local_address() == address
+
+
+def test_a_starting_node_forgets_its_last_runs_heartbeat(tmp_path):
+    """A restarted container keeps its files: the old heartbeat would date the new run."""
+    beat = tmp_path / "health"
+    beat.touch()
+    result = launch(tmp_path, HEALTH_FILE=str(beat))
+    assert result.returncode == 0, result.stdout
+    assert not beat.exists()  # the probe takes no batch: the node is still "starting"
+
+
+def test_a_knob_comes_from_the_environment_else_from_dot_env_and_has_no_other_default(
+    monkeypatch, tmp_path
+):
+    launch = load_launcher()
+    (tmp_path / ".env").write_text("# a comment=no\nWAIT_TIMEOUT=7\nARGS=--epochs 3 --lr 0.1\n")
+    monkeypatch.setattr(launch, "ENV_FILE", tmp_path / ".env")
+    for name in launch.KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    assert launch.setting("WAIT_TIMEOUT") == "7"
+    assert launch.setting("ARGS") == "--epochs 3 --lr 0.1"
+    monkeypatch.setenv("WAIT_TIMEOUT", "9")  # what the engine passes wins
+    assert launch.setting("WAIT_TIMEOUT") == "9"
+    monkeypatch.setenv("REJOIN_TIMEOUT", "")  # empty: .env's, else empty (ARGS in an image)
+    assert launch.setting("REJOIN_TIMEOUT") == ""
+    monkeypatch.delenv("REJOIN_TIMEOUT")
+    with pytest.raises(launch.Refused, match="REJOIN_TIMEOUT is not set: pass it to every node"):
+        launch.setting("REJOIN_TIMEOUT")
+
+
+def test_a_node_without_its_knobs_is_refused_in_one_line(tmp_path):
+    """An image has no .env: an engine that passed no knob gets a usage error, not a default."""
+    knobs = load_launcher().KNOBS
+    (tmp_path / "probe.py").write_text(PROBE)
+    copy = tmp_path / "project" / "docker"  # no .env above it, as in an image
+    copy.mkdir(parents=True)
+    for name in ("launch.py", "elastic_patches.py"):
+        (copy / name).write_text((ROOT / "docker" / name).read_text())
+    inherited = {k: v for k, v in os.environ.items() if k not in UNSET and k not in knobs}
+    result = subprocess.run(
+        [sys.executable, str(copy / "launch.py")],
+        env={**inherited, "SCRIPT": str(tmp_path / "probe.py")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ERROR: START_METHOD is not set: pass it to every node, or run beside the project's .env"
+    ]
+
+
+@pytest.mark.parametrize(
+    "knob, value, argument",
+    [
+        ("JOIN_TIMEOUT", "77", "join_timeout=77"),
+        ("LAST_CALL_TIMEOUT", "4", "last_call_timeout=4"),
+        ("RDZV_TIMEOUT", "33", "read_timeout=33"),
+        ("HEARTBEAT_INTERVAL", "2", "keep_alive_interval=2"),
+        ("HEARTBEAT_MISSES", "5", "keep_alive_max_attempt=5"),
+        ("MAX_RESTARTS", "6", "--max-restarts=6"),
+        ("NODES", "4", "--nnodes=4"),
+        ("NPROC_PER_NODE", "3", "--nproc-per-node=3"),
+    ],
+)
+def test_every_rendezvous_knob_reaches_torchrun(monkeypatch, tmp_path, knob, value, argument):
+    launch = load_launcher()
+    monkeypatch.setenv(knob, value)
+    arguments = launch.torchrun_arguments(tmp_path / "probe.py")
+    assert any(argument in part for part in arguments), arguments
 
 
 def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
