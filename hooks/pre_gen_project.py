@@ -31,9 +31,9 @@ def _int_at_least(value, low):
         return False
 
 
-def _positive_float(value):
+def _float_at_least_0(value):
     try:
-        return float(value) > 0
+        return float(value) >= 0
     except ValueError:
         return False
 
@@ -51,8 +51,8 @@ def errors(a):
         yield f"python_version {a['python_version']!r} is not one of {', '.join(PYTHON_VERSIONS)}"
     if not _int_at_least(a["nodes"], 1):
         yield f"nodes must be a whole number >= 1, got {a['nodes']!r}"
-    if not _positive_float(a["cpus_per_node"]):
-        yield f"cpus_per_node must be a number > 0 (e.g. 1.0), got {a['cpus_per_node']!r}"
+    if not _float_at_least_0(a["cpus_per_node"]):
+        yield f"cpus_per_node must be a number (e.g. 1.0; 0: no limit), got {a['cpus_per_node']!r}"
     for key in ("memory_per_node", "shm_size"):
         if not SIZE_RE.match(a[key]):
             yield f"{key} must be a size such as 512M or 2G, got {a[key]!r}"

@@ -15,7 +15,7 @@ BAD_ANSWERS = [
     ({"package": "class"}, "package 'class' is not a Python identifier"),
     ({"nodes": "0"}, "nodes must be a whole number >= 1, got '0'"),
     ({"nodes": "two"}, "nodes must be a whole number >= 1, got 'two'"),
-    ({"cpus_per_node": "-1"}, "cpus_per_node must be a number > 0"),
+    ({"cpus_per_node": "-1"}, "cpus_per_node must be a number (e.g. 1.0; 0: no limit)"),
     ({"memory_per_node": "2X"}, "memory_per_node must be a size such as 512M or 2G, got '2X'"),
     ({"shm_size": "big"}, "shm_size must be a size such as 512M or 2G, got 'big'"),
     ({"uid": "0"}, "uid must be auto (the user who builds) or a whole number >= 1, got '0'"),

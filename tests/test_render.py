@@ -80,8 +80,9 @@ def test_hadolint(project):
 def test_shellcheck(project):
     answers, root = project
     scripts = sorted(str(p) for p in [*root.rglob("*.sh"), *root.rglob("*.sbatch")])
-    # The launch path is Python (docker/launch.py); the Slurm batch script is the one shell file.
-    assert len(scripts) == (answers.get("cluster_engines", "yes") == "yes")
+    # The launch path is Python (docker/launch.py); the shell files are the healthcheck and the
+    # Slurm batch script.
+    assert len(scripts) == 1 + (answers.get("cluster_engines", "yes") == "yes")
     if scripts:
         result = run([tool("shellcheck"), *scripts], root)
         assert result.returncode == 0, result.stdout
@@ -117,13 +118,15 @@ def test_compose_config_carries_the_answers(project):
     config = compose_config(root)
     node, store = config["services"]["node"], config["services"]["rendezvous"]
     assert set(config["services"]) == {"node", "rendezvous"}  # no master, no worker
-    cpus = float(answers.get("cpus_per_node", "1.0"))
+    # GPU renders default to no CPU or memory limit (a GPU job needs the host's cores).
+    cpus = float(answers.get("cpus_per_node", "0" if gpu_on(answers) else "1.0"))
     limits = node["deploy"]["resources"]["limits"]
-    assert float(limits["cpus"]) == cpus
+    assert float(limits.get("cpus", 0)) == cpus
+    assert ("memory" in limits) is (not gpu_on(answers) or "memory_per_node" in answers)
     assert int(node["shm_size"]) > 64 * 2**20
     assert node["environment"]["RDZV_ADDR"] == "rendezvous" == store["hostname"]
     assert "MASTER_ADDR" not in node["environment"]  # torchrun sets it: rank 0's node, any node
-    assert node["environment"]["NODES"] == str(answers.get("nodes", 2))
+    assert node["environment"]["NODES"] == str(answers.get("nodes", 1 if gpu_on(answers) else 2))
     for service in (node, store):
         assert service["networks"] == {"ddp": None}
         assert "no-new-privileges:true" in service["security_opt"]
@@ -202,7 +205,9 @@ def test_env_and_environment_yml(project):
     answers, root = project
     env = env_settings(root)
     gpu = gpu_on(answers)
-    assert env["NODES"] == str(answers.get("nodes", 2))
+    # GPU renders: one node with a process per GPU (README, "GPUs").
+    assert env["NODES"] == str(answers.get("nodes", 1 if gpu_on(answers) else 2))
+    assert env["NPROC_PER_NODE"] == ("gpu" if gpu_on(answers) else "1")
     assert env["DDP_BACKEND"] == ("nccl" if gpu else "gloo")
     assert env["APP_UID"] == str(answers.get("uid", ""))  # empty: the user who builds
     assert ("COMPOSE_FILE" in env) == gpu
@@ -352,6 +357,7 @@ OTHER_VALUES = {
     "JOIN_TIMEOUT": "121",
     "LAST_CALL_TIMEOUT": "2",
     "RDZV_TIMEOUT": "31",
+    "HEALTH_TIMEOUT": "301",
     "START_METHOD": "thread",
     "MIN_NODES": "2",
     "MAX_NODES": "6",
@@ -396,10 +402,12 @@ def test_every_engine_takes_the_launchers_knobs_from_dot_env_alone(tmp_path, ans
     node = compose_config(root, env=unset)["services"]["node"]["environment"]
     assert {name: node[name] for name in launch.KNOBS} == {name: env[name] for name in launch.KNOBS}
     # Kubernetes: every pod reads them from one ConfigMap, written from .env.
-    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1"], cwd=root, env={**os.environ, **unset})
+    image = ["IMAGE=r.example.com/x:1", "NPROC_PER_NODE=2"] if gpu_on(answers) else ["IMAGE=r/x:1"]
+    sh(["make", "k8s-manifests", *image], cwd=root, env={**os.environ, **unset})
     settings = yaml.safe_load((root / "build" / "k8s" / "settings.yaml").read_text())
     assert settings["kind"] == "ConfigMap"
-    assert settings["data"] == {name: env[name] for name in launch.KNOBS}
+    overridden = {"NPROC_PER_NODE": "2"} if gpu_on(answers) else {}
+    assert settings["data"] == {name: env[name] for name in launch.KNOBS} | overridden
     # Slurm sets only what the allocation decides; the launcher reads .env for the rest.
     sbatch = (root / "slurm" / "train.sbatch").read_text()
     exported = re.search(r"^export (.+)$", sbatch, re.MULTILINE).group(1).split()

@@ -146,10 +146,38 @@ def prepare_processes(script):
     # put its folder first on sys.path.
     sys.path[0] = str(script.parent)
     if not os.environ.get("OMP_NUM_THREADS"):
-        threads = cpu_limit() // int(setting("NPROC_PER_NODE"))
+        threads = cpu_limit() // processes()
         os.environ["OMP_NUM_THREADS"] = str(max(threads, 1))
     # docker/elastic_patches.py says why.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+
+
+def processes(gpus=None):
+    """NPROC_PER_NODE as a number; `gpu`: one process per GPU this node sees (`gpus`, else
+    torch's count). With nccl, more processes than GPUs would put two ranks on one GPU, which
+    nccl refuses only once the job has started: refused here, before training."""
+    value, nccl = setting("NPROC_PER_NODE"), setting("DDP_BACKEND") == "nccl"
+    if value != "gpu" and not (value.isdigit() and int(value) >= 1):
+        raise Refused(f"NPROC_PER_NODE must be a whole number >= 1 or gpu, not '{value}'")
+    if value != "gpu" and not nccl:
+        return int(value)
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()  # NVML or the driver: no CUDA context in this process
+    if gpus == 0:
+        raise Refused(
+            f"NPROC_PER_NODE={value}, DDP_BACKEND={setting('DDP_BACKEND')}: this node"
+            " sees no GPU (GPUS, or the engine's GPU request)"
+        )
+    if value == "gpu":
+        return gpus
+    if nccl and int(value) > gpus:
+        raise Refused(
+            f"NPROC_PER_NODE={value} on {gpus} GPU(s): nccl cannot share a GPU between ranks;"
+            " set NPROC_PER_NODE=gpu (one process per GPU)"
+        )
+    return int(value)
 
 
 def cpu_limit():
@@ -207,7 +235,7 @@ def torchrun_arguments(script):
         # All NODES for the job's first round; once it has formed, docker/elastic_patches.py widens
         # every node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
         f"--nnodes={setting('NODES')}",
-        f"--nproc-per-node={setting('NPROC_PER_NODE')}",
+        f"--nproc-per-node={processes()}",
         f"--rdzv-backend={patches().BACKEND}",
         f"--rdzv-endpoint={addr}:{port}",
         f"--rdzv-id={setting('RUN_ID')}",

@@ -47,6 +47,14 @@ def settings():
         "MEMORY": quantity(env["MEMORY"]),
         "SHM_SIZE": quantity(env["SHM_SIZE"]),
     }
+    if "GPUS" in env:  # a GPU render: each pod requests a number of GPUs
+        count = next((v for v in (env["NPROC_PER_NODE"], env["GPUS"]) if v.isdigit()), None)
+        if count is None:
+            raise SystemExit(
+                "ERROR: a pod requests a number of GPUs: set NPROC_PER_NODE (or GPUS) to one,"
+                " e.g. make k8s-manifests NPROC_PER_NODE=8"
+            )
+        values["GPU_REQUEST"] = count
     return values
 
 
@@ -75,6 +83,9 @@ def main(out_dir):
     print(f"wrote {out / 'settings.yaml'}")
     for manifest in ("rendezvous.yaml", "pytorchjob.yaml", "job.yaml"):
         text = Template((HERE / manifest).read_text()).safe_substitute(values)
+        # CPUS=0 or MEMORY=0 is no limit (GPU renders' default), as in Compose: no line at all.
+        text = re.sub(r'(?m)^ +(cpu|memory): "?0"?\n', "", text)
+        text = re.sub(r"(?m)^( +)(limits|requests):\n(?!\1 )", "", text)  # left empty
         left = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
         if left:
             raise SystemExit(f"ERROR: {manifest}: no value for {', '.join(left)}")

@@ -240,6 +240,29 @@ def test_a_node_announces_an_address_the_others_can_dial(monkeypatch, env, addre
     assert load_launcher().local_address() == address
 
 
+@pytest.mark.parametrize(
+    "nproc, backend, gpus, expected",
+    [
+        ("2", "gloo", 0, 2),
+        ("gpu", "nccl", 4, 4),  # one process per GPU the node sees
+        ("2", "nccl", 2, 2),
+        ("2", "nccl", 1, "NPROC_PER_NODE=2 on 1 GPU(s): nccl cannot share a GPU between ranks"),
+        ("gpu", "nccl", 0, "this node sees no GPU"),
+        ("two", "gloo", 0, "NPROC_PER_NODE must be a whole number >= 1 or gpu, not 'two'"),
+    ],
+)
+def test_processes_per_node_fit_the_gpus_the_node_sees(monkeypatch, nproc, backend, gpus, expected):
+    """A faked GPU count: with nccl, two ranks on one GPU are refused before training."""
+    launch = load_launcher()
+    monkeypatch.setenv("NPROC_PER_NODE", nproc)
+    monkeypatch.setenv("DDP_BACKEND", backend)
+    if isinstance(expected, int):
+        assert launch.processes(gpus=gpus) == expected
+    else:
+        with pytest.raises(launch.Refused, match=re.escape(expected)):
+            launch.processes(gpus=gpus)
+
+
 def test_a_starting_node_forgets_its_last_runs_heartbeat(tmp_path):
     """A restarted container keeps its files: the old heartbeat would date the new run."""
     beat = tmp_path / "health"
