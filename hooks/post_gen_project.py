@@ -44,7 +44,7 @@ def main():
     print(f"    cd {ANSWERS['project']}")
     print(f"    # your model and data: {ANSWERS['package']}/task.py (README: Bring your own model)")
     print("    make build      # build the image (Miniconda env + your code)")
-    print(f"    make up         # train on {ANSWERS['nodes']} node(s); the job's status: build/status")
+    print(f"    make up         # train on {ANSWERS['nodes']} node(s); status in build/status")
     print()
 
 
