@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import checkpoint, distributed, tasks
 from {{ cookiecutter.package }}.data import DataError, readable_dir, writable_dir
-from {{ cookiecutter.package }}.health import beating
+from {{ cookiecutter.package }}.health import beating, resting
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
 from {{ cookiecutter.package }}.metrics import MetricsLog, Sums, describe
 from {{ cookiecutter.package }}.samples import SampleLog
@@ -220,6 +220,7 @@ def train(args, task, stop):
     """Train; return 0 when done, or the exit status of a stop that was asked for."""
     # init: one process group across the job's ranks, or none under plain `python`
     ddp = int(os.environ.get("RANK", -1)) != -1
+    resting()  # a re-formed round starts here: its rendezvous and load have their own bounds
     if ddp:
         rank, world_size = distributed.init(args.backend, args.timeout, args.checkpoint_timeout)
     else:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Healthy: this node trains, or is about to. Local rank 0 touches HEALTH_FILE as batches go by
-# ({{ cookiecutter.package }}/health.py) and the launcher removes it when the node starts, so no
-# file means the node is importing torch, waiting for the rendezvous or forming its first round
-# (each bounded by its own timeout). A file HEALTH_TIMEOUT seconds old: no batch for that long,
-# as when a rank is stuck in a collective. Compose's healthcheck and Kubernetes' liveness probe.
+# ({{ cookiecutter.package }}/health.py); the launcher removes it when the node starts, and local
+# rank 0 when its round starts and before each checkpoint save, so no file means a phase bounded
+# by its own timeout (torch's import, the rendezvous, a round, a checkpoint). A file
+# HEALTH_TIMEOUT seconds old: no batch for that long, as when a rank is stuck. Compose's
+# healthcheck and Kubernetes' liveness probe.
 set -o errexit -o nounset -o pipefail
 file="${HEALTH_FILE:?is set by the image}"
 limit="${HEALTH_TIMEOUT:?is passed from .env}"

@@ -6,10 +6,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from {{ cookiecutter.package }}.health import beating
+from {{ cookiecutter.package }} import checkpoint
+from {{ cookiecutter.package }}.health import beating, resting
 
 CHECK = Path(__file__).resolve().parents[1] / "docker" / "healthcheck.sh"
 
@@ -60,3 +62,41 @@ def test_without_health_file_nothing_is_written(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert list(beating(iter(range(3)))) == [0, 1, 2]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("local_rank, kept", [("0", False), ("1", True)])
+def test_local_rank_0_forgets_the_heartbeat_when_a_bounded_phase_starts(
+    monkeypatch, tmp_path, local_rank, kept
+):
+    beat = tmp_path / "health"
+    beat.touch()
+    monkeypatch.setenv("HEALTH_FILE", str(beat))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    resting()
+    assert beat.exists() is kept
+    resting()  # and again, with no file
+
+
+def test_a_node_saving_a_checkpoint_reads_as_starting_not_as_hung(monkeypatch, tmp_path):
+    beat = tmp_path / "health"
+    monkeypatch.setenv("HEALTH_FILE", str(beat))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(checkpoint, "wait_for_rank_0", lambda: None)
+    health_while_saving = []
+
+    def save(*args, **kwargs):
+        health_while_saving.append(check(beat, timeout="1"))
+        return tmp_path / "saved.pt"
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(checkpoint, "write", save)
+    batches = SimpleNamespace(position=lambda steps=None: {"epoch": 0, "samples": 0})
+    resumed = SimpleNamespace(metrics=None, best=None)
+    saver = checkpoint.Saver(tmp_path, 3, 0, None, None, batches, resumed, enabled=True)
+    monkeypatch.setattr(saver, "_state", lambda where: {})
+    for save_one in (lambda: saver.epoch_done({}), lambda: saver.validated("val_loss", 1.0, min)):
+        beat.touch()
+        old = time.time() - 100
+        os.utime(beat, (old, old))  # the last batch was long ago: a save of a large model
+        save_one()
+    assert health_while_saving == [(0, "starting: no batch yet")] * 2

@@ -26,6 +26,7 @@ import torch
 
 from {{ cookiecutter.package }}.data import DataError
 from {{ cookiecutter.package }}.distributed import wait_for_rank_0
+from {{ cookiecutter.package }}.health import resting
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
@@ -212,6 +213,7 @@ class Saver:
         if self.best_value is not None and not better(value, self.best_value):
             return
         self.best_value = value
+        resting()
         if self.enabled:
             now = self._state(self.batches.position(steps))
             path = write(now, self.directory / BEST)
@@ -223,6 +225,7 @@ class Saver:
         return {**now, **self.extra()}
 
     def _save(self, where):
+        resting()  # every rank waits for the save, under --checkpoint-timeout, not HEALTH_TIMEOUT
         path = None
         if self.enabled:
             now = self._state(where)
