@@ -47,7 +47,7 @@ soak: standin-image ## Run the host job and `make up` many times; count failed e
 
 standin-image: venv ## Build the registry-free stand-in for the conda env stage (root, Docker)
 	rm -rf build/standin
-	$(VENV)/bin/cookiecutter --no-input --output-dir build/standin . python_version=3.11
+	$(VENV)/bin/cookiecutter --no-input --output-dir build/standin .
 	PYTHON=$(VENV)/bin/python scripts/standin-image.sh build/standin/ddp-project/environment.yml $(STANDIN_IMAGE)
 
 docker-start: venv ## Install and start a Docker Engine with the Compose plugin (root; for CI)

@@ -454,7 +454,6 @@ def setup():
             "-o",
             str(WORK),
             str(TEMPLATE),
-            "python_version=3.11",
             "project=ddp-bench",
         ],
         check=True,

@@ -41,7 +41,7 @@ def render():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     cookiecutter = [sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(WORK)]
-    answers = ["python_version=3.11", "project=ddp-soak"]
+    answers = ["project=ddp-soak"]
     subprocess.run([*cookiecutter, str(TEMPLATE), *answers], check=True, capture_output=True)
 
 

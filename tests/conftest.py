@@ -52,7 +52,7 @@ def engine():
 @pytest.fixture(scope="session")
 def standin(engine, tmp_path_factory):
     """The stand-in env image, built from a rendered environment.yml (skipped if up to date)."""
-    source = render(tmp_path_factory.mktemp("standin"), python_version="3.11")
+    source = render(tmp_path_factory.mktemp("standin"))
     sh(
         [TEMPLATE / "scripts" / "standin-image.sh", source / "environment.yml", STANDIN_IMAGE],
         env={**os.environ, "PYTHON": sys.executable},
@@ -66,7 +66,7 @@ def project(standin, tmp_path_factory):
     """Defaults except Python 3.11 (the stand-in's), under a name of its own, built; its
     containers, network and images are removed at the end of the session."""
     name = f"ddp-e2e-{os.getpid()}"
-    root = render(tmp_path_factory.mktemp("e2e"), python_version="3.11", project=name)
+    root = render(tmp_path_factory.mktemp("e2e"), project=name)
     built = Project(root, standin)
     built.make("dirs")  # tests that call Compose directly need the host folders too
     built.make("build", timeout=900)

@@ -15,7 +15,7 @@ from helpers import TEMPLATE, render, sh, tool
 # The supported combinations, one per axis that changes what is rendered.
 COMBINATIONS = {
     "default": {},
-    "py311": {"python_version": "3.11"},
+    "py310": {"python_version": "3.10"},
     "py312-4-nodes": {"python_version": "3.12", "nodes": 4},
     "one-node": {"nodes": 1},
     "gpu": {"gpu": "yes"},  # what scripts written before the CUDA choices pass: cu128
@@ -215,7 +215,7 @@ def test_env_and_environment_yml(project):
 
     conda_env = yaml.safe_load((root / "environment.yml").read_text())
     deps = conda_env["dependencies"]
-    assert f"python={answers.get('python_version', '3.10')}" in deps
+    assert f"python={answers.get('python_version', '3.11')}" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
     assert pip[0].endswith(f"/whl/{cuda(answers)}")
     defaults = json.loads((TEMPLATE / "cookiecutter.json").read_text())
