@@ -14,7 +14,7 @@ OPTIONAL = (
     (
         "cluster_engines",
         "yes",
-        ["k8s", "slurm", "compose.swarm.yaml", "compose.node.yaml", "swarm"],
+        ["k8s", "slurm", "compose.swarm.yaml", "compose.node.yaml", "swarm", "docs/engines.md"],
     ),
 )
 

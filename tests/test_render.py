@@ -333,7 +333,8 @@ def env_settings(root):
 def knobs_table(root):
     """The variables of the README's knobs table."""
     readme = (root / "README.md").read_text()
-    table = readme.split("## Knobs", 1)[1].split("\n\n", 2)[1]
+    knobs = readme.split("## Knobs", 1)[1].split("\n## ", 1)[0]
+    table = next(block for block in knobs.split("\n\n") if block.startswith("| variable"))
     return [
         name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])
     ]

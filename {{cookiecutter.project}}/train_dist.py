@@ -123,7 +123,7 @@ def parse_args(argv=None, task=None):
     loop.add_argument(
         "--deterministic",
         action="store_true",
-        help="torch's deterministic algorithms, cuDNN benchmark off (slower; README)",
+        help="torch's deterministic algorithms, cuDNN benchmark off (slower; docs/training.md)",
     )
     p.add_argument(
         "--progress-every",

@@ -3,8 +3,8 @@
 Every engine starts a training node with `python docker/launch.py`: Compose (the image's
 command), Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. The nodes are alike:
 the rendezvous store runs apart (docker/rendezvous.py), and rank 0 is whichever node a round
-makes it. Settings come from the environment, their defaults from .env (KNOBS). README, "How a
-node starts", says why each step; docker/elastic_patches.py holds the changes to torch.
+makes it. Settings come from the environment, their defaults from .env (KNOBS).
+docs/how-a-node-starts.md says why each step; docker/elastic_patches.py holds the changes to torch.
 """
 
 import os
@@ -53,7 +53,7 @@ USAGE_ERROR = 2  # argparse's status, and train_dist.py's for data and folder er
 
 
 def main():
-    """The node's steps, in order (README, "How a node starts"); returns its exit status."""
+    """The node's steps, in order (docs/how-a-node-starts.md); returns its exit status."""
     last = last_status(setting("NODE_MARKER"))
     if last == USAGE_ERROR:
         error("not restarting: the last run ended with a usage or data error (exit status 2)")
@@ -233,7 +233,7 @@ def torchrun_arguments(script):
     addr, port = rendezvous_endpoint()
     return [
         # All NODES for the job's first round; once it has formed, docker/elastic_patches.py widens
-        # every node's sizes to MIN_NODES..MAX_NODES (README, "Elastic").
+        # every node's sizes to MIN_NODES..MAX_NODES (docs/elastic.md).
         f"--nnodes={setting('NODES')}",
         f"--nproc-per-node={processes()}",
         f"--rdzv-backend={patches().BACKEND}",

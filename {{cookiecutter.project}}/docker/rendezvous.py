@@ -4,7 +4,7 @@ It holds the job's membership (torch's c10d rendezvous state), nothing of traini
 training node may die, rank 0's included, and the job goes on. It ends by itself once the job
 has: when the rendezvous is closed (the job finished or failed), or when no node has sent a
 heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node stops with one
-line and the next start resumes from the last checkpoint (README, "What happens when").
+line and the next start resumes from the last checkpoint (docs/what-happens-when.md).
 usage: python docker/rendezvous.py   (settings from the environment, else .env, as docker/launch.py)
 """
 

@@ -1,4 +1,4 @@
-"""What a node's healthcheck reports (docker/healthcheck.sh, README "Health"): starting before
+"""What a node's healthcheck reports (docker/healthcheck.sh, docs/health.md): starting before
 the first batch, training while local rank 0 takes batches, unhealthy once none came for
 HEALTH_TIMEOUT seconds."""
 
