@@ -42,12 +42,19 @@ def code_spans(text):
 
 
 def make_commands(text):
-    """The targets of every `make TARGET` the text shows as code."""
-    return {
-        target
-        for span in code_spans(text)
-        for target in re.findall(r"(?:^|[;&|(]\s*|\s)make ([a-z][a-z0-9-]*)", span)
-    }
+    """The targets of every `make TARGET...` the text shows as code (`make logs rendezvous` names
+    two: make would take the second for a target too)."""
+    targets = set()
+    for span in code_spans(text):
+        for rest in re.findall(r"(?:^|[;&|(:]\s*|\s)make (.*)", span):
+            for word in rest.split():
+                bare = word.rstrip("),;")
+                if not re.fullmatch(r"[a-z][a-z0-9-]*", bare):
+                    break
+                targets.add(bare)
+                if bare != word:  # the command ends there
+                    break
+    return targets
 
 
 def makefile_targets(makefile):
