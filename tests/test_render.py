@@ -286,6 +286,25 @@ def test_make_help_is_the_default_and_lists_the_commands(default_project):
         "clean",
     ):
         assert re.search(rf"^\s+{target}\s+\S", result.stdout, re.MULTILINE), target
+    # In groups, everyday commands first; every documented target in one of them.
+    groups = {
+        block.splitlines()[0]: re.findall(r"^  (\S+)", block, re.MULTILINE)
+        for block in result.stdout.strip().split("\n\n")
+    }
+    assert list(groups) == [
+        "Everyday",
+        "Elastic, checks and the host",
+        "Other engines (docs/engines.md)",
+    ]
+    assert {"build", "up", "down", "logs", "test", "plot"} <= set(groups["Everyday"])
+    assert {"scale", "chaos", "samples-report"} <= set(groups["Elastic, checks and the host"])
+    assert {"up-node", "swarm-up", "k8s-manifests"} <= set(
+        groups["Other engines (docs/engines.md)"]
+    )
+    documented = re.findall(
+        r"^([a-z0-9-]+):.*## ", (default_project / "Makefile").read_text(), re.M
+    )
+    assert sorted(documented) == sorted(sum(groups.values(), []))
 
 
 @pytest.mark.parametrize(
