@@ -34,10 +34,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(program="launch.py", **env):
+def start(program="launch.py", preexec=None, **env):
     """docker/launch.py (or another program of docker/) as one node, in the background (stdout
     and stderr merged), in its own process group: kill() ends it as `docker kill` ends a
-    container."""
+    container. `preexec` runs in the child before the program (resource limits, say)."""
     inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
     # The same on any render and machine (a GPU render's .env has nccl): CPU processes that
     # start as on every engine; a test that needs fork says so.
@@ -50,6 +50,7 @@ def start(program="launch.py", **env):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=preexec,
     )
 
 

@@ -117,9 +117,57 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(checkpoint.WriteError, match="ckpt-epoch0002.pt: No space left on device"):
         checkpoint.save(_state(2), tmp_path, 2)
     monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-epoch0001.pt"]
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("call", ["fsync", "replace"])
+def test_a_failed_fsync_or_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch, call):
+    checkpoint.save(_state(1), tmp_path, 1)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, call, disk_full)
+    with pytest.raises(checkpoint.WriteError) as failed:
+        checkpoint.save(_state(2), tmp_path, 2)
+    monkeypatch.undo()
+    assert "No space left on device" in str(failed.value)
+    assert "the previous checkpoints are kept" in str(failed.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-epoch0001.pt"]
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 1
+
+
+# A real failed write, not a faked one: a file size limit makes the kernel refuse the bytes past
+# it (EFBIG), as a full disk does (ENOSPC). torch's writer reports it as a RuntimeError.
+LIMITED = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from {{ cookiecutter.package }} import checkpoint
+checkpoint.save(dict(epoch=1, w=torch.zeros(4)), sys.argv[2], 1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.RLIM_INFINITY))
+try:
+    checkpoint.save(dict(epoch=2, w=torch.zeros(2**20)), sys.argv[2], 2)
+except checkpoint.WriteError as err:
+    print(err)
+"""
+
+
+def test_a_write_the_kernel_refuses_is_one_clear_error_and_keeps_the_previous_checkpoint(
+    tmp_path,
+):
+    root = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED, root, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    said = result.stdout.strip()
+    assert said.startswith(f"cannot write checkpoint {tmp_path}/ckpt-epoch0002.pt: "), said
+    assert "MiB free there); the previous checkpoints are kept" in said
+    assert len(said.splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-epoch0001.pt"]
     assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 1
 

@@ -143,6 +143,33 @@ def test_an_error_on_one_rank_ends_every_rank_once_with_status_2(tmp_path):
     assert "Traceback" not in result.stdout
 
 
+def limit_file_size():
+    """In the node's process, before it starts: files may not grow past 64 KB (the kernel then
+    refuses the write, as a full disk does). The default task's checkpoint is about 85 KB."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_during_a_save_stops_every_rank_with_one_line_and_no_restart(tmp_path):
+    (tmp_path / "data").mkdir()
+    folders = f"--data-dir {tmp_path}/data --checkpoint-dir {tmp_path}/ckpt --log-dir {tmp_path}"
+    node = start(
+        tmp_path,
+        SCRIPT="train_dist.py",
+        ARGS=f"{folders} --epochs 2 --samples 256",
+        MAX_RESTARTS="3",
+        preexec=limit_file_size,
+    )
+    stdout, _ = node.communicate(timeout=300)
+    assert node.returncode == 2, stdout
+    assert stdout.count("ERROR: ") == 1, stdout
+    assert f"ERROR: cannot write checkpoint {tmp_path}/ckpt/ckpt-epoch0001.pt: " in stdout
+    assert "Traceback" not in stdout
+    assert stdout.count("world size 2") == 1, stdout  # one run: a status 2 is not restarted
+    assert not list((tmp_path / "ckpt").iterdir())  # no partial file left behind
+
+
 def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_service(tmp_path):
     """Every node closes the rendezvous as it ends and the service then stops: no node may print
     a failed close or a connection error with a C++ stack."""

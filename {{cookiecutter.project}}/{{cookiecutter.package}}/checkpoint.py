@@ -1,7 +1,7 @@
 """Checkpoints that survive a crash: written to a temporary file, fsynced, then renamed.
 
 A reader never sees a half-written file under the final name; a failed write (a full disk)
-leaves the previous checkpoint as it was. A file that is truncated or corrupt is moved aside,
+leaves the previous checkpoint as it was and stops the job with a message (WriteError, status 2). A file that is truncated or corrupt is moved aside,
 never deleted, so the one before it is used and the bad one can be inspected. Any other failure
 to load (a read error, an object in the state that torch.load(weights_only=True) refuses) stops
 the job with a message: going back to an older checkpoint, or to none, would silently undo
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from {{ cookiecutter.package }}.data import DataError
-from {{ cookiecutter.package }}.distributed import wait_for_rank_0
+from {{ cookiecutter.package }}.distributed import fail_together
 from {{ cookiecutter.package }}.health import resting
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,12 @@ def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) ->
     return final
 
 
+class WriteError(DataError):
+    """A checkpoint that could not be written (a full disk, a quota, a file size limit): every
+    rank stops with status 2 rather than train on with nothing saved, or be restarted into the
+    same wall; the previous checkpoints are as they were."""
+
+
 def write(state: dict, final: Path) -> Path:
     """Write state to `final` whole or not at all."""
     directory = final.parent
@@ -81,12 +87,33 @@ def write(state: dict, final: Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    # torch's zip writer reports a failed write as a RuntimeError ("unexpected pos ..."), not as
+    # the OSError beneath it: both mean the bytes did not reach the disk.
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write checkpoint {final}: {_why(err, directory)}") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
-    _fsync_dir(directory)
     return final
+
+
+def _why(err, directory):
+    """What stopped a write, in words a user can act on."""
+    cause = err if isinstance(err, OSError) else err.__context__
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else None
+    try:
+        free = os.statvfs(directory)
+        room = f"{free.f_bavail * free.f_frsize / 2**20:.0f} MiB free there"
+    except OSError:
+        room = "free space unknown"
+    reason = reason or str(err).splitlines()[0]
+    return (
+        f"{reason} ({room}); the previous checkpoints are kept. Free some space, or point"
+        " --checkpoint-dir elsewhere, and start again"
+    )
 
 
 def state(model, optimizer, position, metrics, best=None) -> dict:
@@ -214,11 +241,11 @@ class Saver:
             return
         self.best_value = value
         resting()
-        if self.enabled:
-            now = self._state(self.batches.position(steps))
-            path = write(now, self.directory / BEST)
-            log.info("best %s so far (%.4f): saved %s", name, value, path)
-        wait_for_rank_0()
+        with fail_together():  # a failed write stops every rank (status 2), not rank 0 alone
+            if self.enabled:
+                now = self._state(self.batches.position(steps))
+                path = write(now, self.directory / BEST)
+                log.info("best %s so far (%.4f): saved %s", name, value, path)
 
     def _state(self, where):
         now = state(self.model, self.optimizer, where, self.metrics, self.best_value)
@@ -227,8 +254,8 @@ class Saver:
     def _save(self, where):
         resting()  # every rank waits for the save, under --checkpoint-timeout, not HEALTH_TIMEOUT
         path = None
-        if self.enabled:
-            now = self._state(where)
-            path = save(now, self.directory, where["epoch"], where["samples"], self.keep)
-        wait_for_rank_0()
+        with fail_together():
+            if self.enabled:
+                now = self._state(where)
+                path = save(now, self.directory, where["epoch"], where["samples"], self.keep)
         return path
