@@ -147,7 +147,7 @@ def test_missing_data_dir_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     (tmp_path / "data").mkdir()
     real_access = os.access
     blocked = str(tmp_path / "ckpt")
@@ -156,6 +156,9 @@ def test_unwritable_checkpoint_dir_is_one_line_not_a_traceback(tmp_path, monkeyp
     )
     args = ["--epochs=1", "--samples=64", *folders(tmp_path), f"--checkpoint-dir={blocked}"]
     assert train_dist.main(args) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"ERROR: {blocked}") and said.count("\n") == 1, said
+    assert "Traceback" not in said
 
 
 def test_validation_counts_every_sample_once_over_the_ranks(tmp_path):
@@ -333,11 +336,32 @@ def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     (tmp_path / "data").mkdir()
-    process = _start(tmp_path, *TORCHRUN_2)
+    process = _start(tmp_path, *TORCHRUN_2, "--record-samples")
     out = _stop_after_first_epoch(process)
     assert process.returncode != 0
-    assert re.search(r"stop requested: saved \S+/ckpt-epoch\d{4}(-sample\d+)?\.pt", out), out
+    saved = r"stop requested: saved \S+/ckpt-epoch\d{4}(-sample\d+)?\.pt at epoch (\d+)"
+    stopped = re.search(saved, out)
+    assert stopped, out
+    # No rank's traceback; plain torchrun reports the signal it got with one of its own.
     assert "Traceback" not in out.split("stop requested")[0]
+    assert "train_dist.py" not in out.split("stop requested")[1], out
+    # Each rank recorded the samples it trained. Had one stopped a step after the others, the
+    # resume (which starts where rank 0 saved) would train that step's samples again; a step
+    # before, never.
+    epoch = int(stopped.group(2))
+    again = run(
+        *TORCHRUN_2,
+        f"--epochs={epoch}",
+        "--samples=4096",
+        "--batch-size=16",
+        "--record-samples",
+        *folders(tmp_path),
+    )
+    assert again.returncode == 0, again.stderr
+    samples = tmp_path / "logs" / "samples"
+    report = run(sys.executable, "-m", "{{ cookiecutter.package }}.samples", str(samples))
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert report.stdout.count("4096 trained, 0 missing, 0 repeated") == epoch, report.stdout
 
 
 def test_backend_follows_ddp_backend_then_the_gpus_per_process(monkeypatch):

@@ -1,11 +1,11 @@
 """Checkpoints that survive a crash: written to a temporary file, fsynced, then renamed.
 
-A reader never sees a half-written file under the final name; a failed write (a full disk)
-leaves the previous checkpoint as it was and stops the job with a message (WriteError, status 2). A file that is truncated or corrupt is moved aside,
-never deleted, so the one before it is used and the bad one can be inspected. Any other failure
-to load (a read error, an object in the state that torch.load(weights_only=True) refuses) stops
-the job with a message: going back to an older checkpoint, or to none, would silently undo
-training.
+A reader never sees a half-written file under the final name. A failed write (a full disk)
+leaves the previous checkpoint as it was and stops the job with a message (WriteError, status
+2). A file that is truncated or corrupt is moved aside, never deleted, so the one before it is
+used and the bad one can be inspected. Any other failure to load (a read error, an object in the
+state that torch.load(weights_only=True) refuses) stops the job with a message: going back to an
+older checkpoint, or to none, would silently undo training.
 
 Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-sample00002560.pt when the job
 stopped 2,560 samples into the 4th epoch (a graceful stop). Older mid-epoch checkpoints,
