@@ -112,14 +112,6 @@ def check(status, events, kills, args, up, samples):
     """The job's status, the samples report and a resume from the last checkpoint."""
     report = make("samples-report", "SAMPLES_DIR=logs/chaos/samples", check=False).stdout
     rows = [tuple(map(int, row)) for row in REPORT_LINE.findall(report)]
-    bound = SAVE_EVERY * BATCH * (args.nodes + 1)  # the most samples one kill can repeat
-    # A kill repeats the steps since the last save: of its epoch, or of the next one if it came
-    # before the first step of that. Graceful events repeat nothing.
-    bad = [
-        (epoch, missing, repeated)
-        for epoch, _, missing, repeated in rows
-        if missing or repeated > bound * (kills.count(epoch) + kills.count(epoch - 1))
-    ]
     resumed = subprocess.run([*up, "MAX_RESTARTS=0"], cwd=ROOT, capture_output=True, text=True)
     loads = resumed.returncode == 0 and f"epoch {args.epochs} done" in resumed.stdout
     kinds = ("stop", "stop rank 0", "kill", "kill rank 0", "scale")
@@ -127,14 +119,42 @@ def check(status, events, kills, args, up, samples):
     print(
         f"chaos: seed {args.seed}, {len(events)} events ({counts}), make up exited {status};"
         f" {len(rows)} epochs of {samples} samples: {sum(r[2] for r in rows)} missing,"
-        f" {sum(r[3] for r in rows)} repeated (at most {bound} a kill);"
+        f" {sum(r[3] for r in rows)} repeated (at most {repeat_bound(args.nodes)} a kill);"
         f" the last checkpoint loads: {'yes' if loads else 'NO'}",
         flush=True,
     )
-    if status == 0 and len(rows) == args.epochs and not bad and loads:
+    failures = verdict(status, rows, kills, args.epochs, args.nodes, loads)
+    if not failures:
         return 0
-    print(f"chaos: FAILED {bad}\n{report}{resumed.stdout[-2000:]}", file=sys.stderr)
+    print(
+        f"chaos: FAILED: {'; '.join(failures)}\n{report}{resumed.stdout[-2000:]}", file=sys.stderr
+    )
     return 1
+
+
+def repeat_bound(nodes):
+    """The most samples one kill can make the job train again: the steps since the last save, at
+    the most nodes the job can have had (scale goes up to one more than at the start)."""
+    return SAVE_EVERY * BATCH * (nodes + 1)
+
+
+def verdict(status, rows, kills, epochs, nodes, loads):
+    """What failed, in words (empty: the job passed). `rows`: (epoch, trained, missing, repeated)
+    of the samples report; `kills`: the epoch each kill landed in."""
+    failures = [] if status == 0 else [f"make up exited {status}"]
+    if len(rows) != epochs:
+        failures.append(f"{len(rows)} of {epochs} epochs have sample records")
+    # A kill repeats the steps since the last save: of its epoch, or of the next one if it came
+    # before the first step of that. Graceful events repeat nothing.
+    for epoch, _, missing, repeated in rows:
+        if missing:
+            failures.append(f"epoch {epoch}: {missing} samples never trained")
+        allowed = repeat_bound(nodes) * (kills.count(epoch) + kills.count(epoch - 1))
+        if repeated > allowed:
+            failures.append(f"epoch {epoch}: {repeated} samples trained twice (at most {allowed})")
+    if not loads:
+        failures.append("the last checkpoint does not resume to the end")
+    return failures
 
 
 def current_epoch():
