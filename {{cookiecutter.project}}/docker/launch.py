@@ -91,6 +91,12 @@ def main():
     return run_torchrun(torchrun_arguments(script))
 
 
+def node_status(code):
+    """A training process's exit code as a shell reports it: torch gives a process killed by
+    signal N as -N, which is 128+N (137: SIGKILL); 0 for a failure means torch saw no code."""
+    return code if code > 0 else 128 - code if code < 0 else 1
+
+
 def last_status(marker):
     """None on a container's first start; on a restart, the status its last run wrote."""
     if not marker:
@@ -180,14 +186,14 @@ def processes(gpus=None):
     return int(value)
 
 
-def cpu_limit():
+def cpu_limit(cgroup=Path("/sys/fs/cgroup")):
     """CPUs of this container's cgroup limit (cgroup v2 or v1), else of the machine."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = (cgroup / "cpu.max").read_text().split()
     except OSError:
         try:
-            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
-            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
         except OSError:
             quota, period = "max", "1"
     if quota in ("max", "-1"):
@@ -273,7 +279,7 @@ def run_torchrun(arguments):
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
         code = failure.exitcode
-        status = code if code > 0 else 128 - code if code < 0 else 1
+        status = node_status(code)
         reason = "a usage or data error: not restarted" if status == USAGE_ERROR else "failed"
         print(f"torchrun: rank {rank} exited with status {code} ({reason})", flush=True)
         record_verdict(status)

@@ -375,3 +375,64 @@ def test_a_node_stopped_by_sigterm_exits_143_after_its_ranks_saved(tmp_path):
     assert node.returncode == 143, out
     assert "stop requested: saved" in out and "torchrun: stopped by SIGTERM" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    "files, cpus",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, docker --cpus 2
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU is still one thread
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5: rounded up
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: the CPUs this process may run on
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (macOS, a chroot)
+    ],
+    ids=["v2", "v2-half", "v2-fraction", "v1", "v2-max", "v1-unlimited", "none"],
+)
+def test_threads_follow_the_cgroup_cpu_limit(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    expected = cpus or len(os.sched_getaffinity(0))
+    assert load_launcher().cpu_limit(tmp_path) == expected
+
+
+@pytest.mark.parametrize("cpus, nproc, threads", [(4, "2", "2"), (2, "4", "1"), (3, "2", "1")])
+def test_omp_threads_are_the_cpu_limit_over_the_processes(monkeypatch, cpus, nproc, threads):
+    launch = load_launcher()
+    # What prepare_processes sets goes back to what it was after the test.
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", nproc)
+    monkeypatch.setattr(launch, "cpu_limit", lambda: cpus)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # prepare_processes sets sys.path[0]
+    launch.prepare_processes(ROOT / "train_dist.py")
+    assert os.environ["OMP_NUM_THREADS"] == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own choice stands
+    launch.prepare_processes(ROOT / "train_dist.py")
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
+@pytest.mark.parametrize("code, status", [(3, 3), (2, 2), (-9, 137), (-15, 143), (-6, 134), (0, 1)])
+def test_a_process_killed_by_signal_n_is_status_128_plus_n(code, status):
+    assert load_launcher().node_status(code) == status
+
+
+@pytest.mark.parametrize(
+    "written, status",
+    [
+        (None, None),  # no marker yet: a first start, which creates it
+        ("", 137),  # created, never written: the last run was killed before it could
+        ("2\n", 2),
+        ("0\n", 0),
+        ("143\n", 143),
+    ],
+)
+def test_a_restart_reads_the_status_its_last_run_wrote(tmp_path, written, status):
+    marker = tmp_path / "marker"
+    if written is not None:
+        marker.write_text(written)
+    assert load_launcher().last_status(str(marker)) == status
+    assert marker.exists()
+    assert load_launcher().last_status("") is None  # no marker set: never a restart
