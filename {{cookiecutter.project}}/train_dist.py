@@ -40,6 +40,12 @@ ROOT = Path(__file__).resolve().parent
 NO_COMPILER = "--compile on CPUs needs a C++ compiler (g++, or CXX): add one or leave it out"
 
 
+MID_EPOCH = (
+    "it stopped mid-epoch, and only the same set can finish that epoch with each sample once."
+    " Resume with the same data (and --samples), or start afresh (another --checkpoint-dir)"
+)
+
+
 def task_name(argv=None):
     """--task, else TASK, else the package's task.py."""
     p = argparse.ArgumentParser(add_help=False)
@@ -279,6 +285,14 @@ def train(args, task, stop):
         # The epoch's order comes from the seed: another one would train some samples twice.
         message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
         raise DataError(message if master_process else "")
+    if resumed.size not in (None, len(train_set)):
+        now = len(train_set)
+        changed = f"{path} was trained on {resumed.size} samples an epoch; there are {now}"
+        if resumed.samples:
+            # Which samples the epoch's first part held depends on its size: the rest of it
+            # would train some twice and miss others.
+            raise DataError(f"{changed}: {MID_EPOCH}" if master_process else "")
+        log.warning("%s: the next epoch deals the new set", changed)
     if path:
         log.info(
             "resumed from %s: epoch %d done, %d samples into the next",

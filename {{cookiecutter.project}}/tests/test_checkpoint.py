@@ -219,11 +219,11 @@ def test_a_restored_state_goes_on_where_it_was_saved(tmp_path):
 
     other, other_optimizer = _model_and_optimizer(1)
     restored = checkpoint.restore(state, other, other_optimizer, samples_per_step=99)
-    assert restored == (2, 448, 7, metrics, 0.5)
+    assert restored == (2, 448, 7, metrics, 0.5, None)  # no size: `where` left it out
     assert path.name == "ckpt-epoch0002-sample00000448.pt"
     for name, tensor in model.state_dict().items():
         assert torch.equal(other.state_dict()[name], tensor), name
-    assert checkpoint.restore(None, other, other_optimizer, 99) == (0, 0, None, None, None)
+    assert checkpoint.restore(None, other, other_optimizer, 99) == checkpoint.Resumed()
 
 
 def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
@@ -233,13 +233,8 @@ def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
     torch.save(older, tmp_path / "ckpt-epoch0001-step000040.pt")
     state, path = checkpoint.load_latest(tmp_path)
     assert path.name == "ckpt-epoch0001-step000040.pt"
-    assert checkpoint.restore(state, model, optimizer, samples_per_step=64) == (
-        1,
-        2560,
-        None,
-        None,
-        None,
-    )
+    resumed = checkpoint.restore(state, model, optimizer, samples_per_step=64)
+    assert resumed == checkpoint.Resumed(epoch=1, samples=2560)
     older.update(epoch=2, step=0, loss=1.5, accuracy=0.25)
     restored = checkpoint.restore(older, model, optimizer, samples_per_step=64)
     assert restored.metrics == {"loss": 1.5, "accuracy": 0.25}

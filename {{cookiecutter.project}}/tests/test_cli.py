@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_dist
-from {{ cookiecutter.package }} import distributed
+from {{ cookiecutter.package }} import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_2 = [
@@ -123,6 +123,43 @@ def test_single_process_trains_checkpoints_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "epoch 2 done" in again.stdout
     assert re.findall(r"epoch (\d+)/3", again.stdout) == ["3"]
+
+
+def _mid_epoch_checkpoint(tmp_path):
+    """A run of 256 samples that saved 192 samples into its 2nd epoch, its newest checkpoint."""
+    first = _train(tmp_path, "--epochs", "2", "--save-every-steps", "3")  # 8 steps an epoch
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "ckpt" / "ckpt-epoch0002.pt").unlink()  # as if stopped halfway into epoch 2
+    newest = checkpoint.checkpoints(tmp_path / "ckpt")[-1]
+    assert newest.name == "ckpt-epoch0001-sample00000192.pt"
+    return newest
+
+
+def test_a_resume_with_another_seed_is_refused_in_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    newest = _mid_epoch_checkpoint(tmp_path)
+    result = _train(tmp_path, "--epochs", "2", "--seed", "1")
+    assert result.returncode == 2
+    said = f"ERROR: {newest} was trained with --seed 0: resume with it, or start afresh\n"
+    assert result.stderr == said
+
+
+def test_a_changed_training_set_is_refused_mid_epoch_and_taken_at_an_epoch_end(tmp_path):
+    (tmp_path / "data").mkdir()
+    newest = _mid_epoch_checkpoint(tmp_path)
+    refused = _train(tmp_path, "--epochs", "2", "--samples", "320")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(
+        f"ERROR: {newest} was trained on 256 samples an epoch; there are 320: it stopped mid-epoch"
+    )
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    same = _train(tmp_path, "--epochs", "2")  # the same set finishes the epoch
+    assert same.returncode == 0, same.stderr
+    assert "epoch 1 done, 192 samples into the next" in same.stdout
+    grown = _train(tmp_path, "--epochs", "3", "--samples", "320")  # from the end of epoch 2
+    assert grown.returncode == 0, grown.stderr
+    assert "on 256 samples an epoch; there are 320: the next epoch deals the new" in grown.stdout
+    assert re.findall(r"epoch (\d+)/3", grown.stdout) == ["3"]
 
 
 def test_without_a_terminal_rank_0_logs_progress_every_few_seconds(tmp_path):

@@ -152,3 +152,26 @@ def test_unreadable_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(DataError, match="is not readable"):
         readable_dir(tmp_path)
+
+
+def test_position_is_where_the_epoch_stands_as_checkpoints_keep_it():
+    batches = EpochBatches(100, batch_size=8, rank=1, world_size=3, seed=5)  # 24 samples a step
+    batches.set_epoch(2, consumed=48)  # resumed 2 steps into epoch 3
+    dealt = {"world_size": 3, "batch_size": 8, "seed": 5, "size": 100}
+    assert batches.position(0) == {"epoch": 2, "samples": 48, **dealt}
+    assert batches.position(1) == {"epoch": 2, "samples": 72, **dealt}
+    assert len(batches) == 3  # 52 left: 24, 24 and 4
+    assert batches.position(3) == {"epoch": 2, "samples": 100, **dealt}  # never past the end
+    assert batches.position() == {"epoch": 3, "samples": 0, **dealt}  # the epoch done
+    # The same position resumed at another world size deals the rest: no sample before it.
+    other = EpochBatches(100, batch_size=8, rank=0, world_size=2, seed=5)
+    other.set_epoch(2, consumed=batches.position(1)["samples"])
+    order = batches.order()
+    dealt_after = {i for r in range(2) for step in _rank(other, r) for i in step}
+    assert dealt_after == set(order[72:])
+
+
+def _rank(batches, rank):
+    copy = EpochBatches(batches.size, batches.batch_size, rank, batches.world_size, batches.seed)
+    copy.set_epoch(batches.epoch, batches.consumed)
+    return list(copy)

@@ -134,6 +134,7 @@ class Resumed(NamedTuple):
     seed: int | None = None
     metrics: dict | None = None  # of the last epoch done
     best: float | None = None  # the monitored validation value of best.pt
+    size: int | None = None  # training samples an epoch had (None: an older checkpoint)
 
 
 def restore(state, model, optimizer, samples_per_step) -> Resumed:
@@ -151,7 +152,8 @@ def restore(state, model, optimizer, samples_per_step) -> Resumed:
     if "metrics" not in state and state.get("loss") is not None:
         metrics = {"loss": state["loss"], "accuracy": state["accuracy"]}
     samples = state.get("samples", state.get("step", 0) * samples_per_step)
-    return Resumed(state["epoch"], samples, state.get("seed"), metrics, state.get("best"))
+    best, size = state.get("best"), state.get("size")
+    return Resumed(state["epoch"], samples, state.get("seed"), metrics, best, size)
 
 
 def load_latest(directory):

@@ -139,6 +139,7 @@ class EpochBatches:
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "size": self.size,
         }
 
 
