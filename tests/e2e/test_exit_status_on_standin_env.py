@@ -28,6 +28,34 @@ def test_a_failed_build_stops_make_up_before_any_container_starts(project):
     assert not (project.root / "build" / "status").exists(), "no job ran: no status"
 
 
+def test_a_failed_build_stops_make_test_too(project):
+    project.compose("down", "--remove-orphans")
+    result = sh(
+        ["make", "test", "ENV_IMAGE=env", "CONDA_IMAGE=ddp-template-no-such-base:0"],
+        cwd=project.root,
+        check=False,
+        timeout=600,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert f"make build: ERROR: the build of {project.name}:latest failed" in out
+    assert "passed" not in out and project.containers() == [], "the older image ran the tests"
+
+
+def test_a_rebuild_prunes_the_image_it_replaced(project):
+    before = sh(["docker", "image", "inspect", "-f", "{{.Id}}", f"{project.name}:latest"])
+    script = project.root / "train_dist.py"
+    original = script.read_text()
+    script.write_text(original + "\n# a code change\n")
+    try:
+        project.make("build")
+    finally:
+        script.write_text(original)
+        project.make("build")  # back to the image the other tests expect
+    images = sh(["docker", "image", "ls", "-aq", "--no-trunc"]).stdout.split()
+    assert before.stdout.strip() not in images, "the replaced image is still there"
+
+
 def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
     started = time.monotonic()
     result = project.make("up", "ARGS=--bogus", check=False, timeout=300)
@@ -39,6 +67,12 @@ def test_a_bad_argument_fails_once_with_the_usage_and_status_2(project):
     assert out.count("unrecognized arguments: --bogus") == 1
     assert "a usage or data error: not restarted" in out
     assert project.exit_codes() == ["node 2", "node 2", "rendezvous 0"]
+    # Docker restarted each node once (RESTART_POLICY on-failure:1); the restarted node read its
+    # last status and stopped at once, before torchrun.
+    for node in project.compose("ps", "--all", "-q", "node").stdout.split():
+        restarts = sh(["docker", "inspect", "-f", "{{.RestartCount}}", node]).stdout.strip()
+        assert restarts == "1", node
+    assert out.count("not restarting: the last run ended with a usage or data error") == 2, out
     # What a calling script sees: make's own 2, the job's status in build/status.
     assert result.returncode == 2 and (project.root / "build" / "status").read_text() == "2\n"
     record(bad_argument_to_exit_s=round(seconds, 1))

@@ -67,12 +67,9 @@ def test_restarts_exhausted_fail_with_a_reason(project):
     # The job's status is the script's own, not torchrun's generic 1.
     assert "make up: FAILED: a node exited with status 3" in out
     assert project.compose("ps", "-q").stdout.strip() == ""
-    # Every container exited non-zero: the nodes with the script's status.
-    codes = project.compose("ps", "--all", "--format", "{{.Service}} {{.ExitCode}}").stdout.split(
-        "\n"
-    )
-    nodes = [line.split()[1] for line in codes if line.startswith("node ")]
-    assert nodes == ["3", "3"], codes
+    # Every node exited with the script's status (the service, once the job had failed, by
+    # itself).
+    assert project.exit_codes() == ["node 3", "node 3", "rendezvous 0"]
     record(restarts_exhausted_to_exit_s=round(seconds, 1))
 
 
@@ -218,6 +215,9 @@ def test_a_node_sees_no_git_data_checkpoints_or_secrets_of_the_project_folder(pr
             (project.root / path).unlink()
     listing = out.split()
     assert code == 0, out
+    # The code belongs to root: the training user can read it, not change it.
+    code, owner = project.run("node", "sh", "-c", "stat -c %U /app/train_dist.py; touch /app/x")
+    assert code != 0 and owner.startswith("root\n") and "Permission denied" in owner, owner
     assert (project.root / ".env").is_file()  # the project's settings, which may hold tokens
     for path in [*planted, ".env"]:
         assert f"/app/{path}" not in listing

@@ -238,3 +238,61 @@ def test_an_older_checkpoint_counted_steps_of_the_current_world_size(tmp_path):
     older.update(epoch=2, step=0, loss=1.5, accuracy=0.25)
     restored = checkpoint.restore(older, model, optimizer, samples_per_step=64)
     assert restored.metrics == {"loss": 1.5, "accuracy": 0.25}
+
+
+class _Batches:
+    """EpochBatches' position for a saver: 256 samples an epoch, 32 a step."""
+
+    size, epoch = 256, 1
+
+    def position(self, steps=None):
+        if steps is None:
+            return {"epoch": self.epoch + 1, "samples": 0}
+        return {"epoch": self.epoch, "samples": min(self.size, steps * 32)}
+
+
+def _saver(tmp_path, enabled=True, every=3, keep=3):
+    model, optimizer = _model_and_optimizer(0)
+    resumed = checkpoint.Resumed()
+    return checkpoint.Saver(tmp_path, keep, every, model, optimizer, _Batches(), resumed, enabled)
+
+
+def test_the_saver_writes_every_n_steps_at_a_stop_and_at_the_epoch_end(tmp_path):
+    saver = _saver(tmp_path, every=3)
+    for steps in range(1, 8):
+        saver.midway(steps)
+    saver.stopped(7)
+    names = [p.name for p in checkpoint.checkpoints(tmp_path)]
+    assert names == [
+        "ckpt-epoch0001-sample00000096.pt",  # step 3
+        "ckpt-epoch0001-sample00000192.pt",  # step 6
+        "ckpt-epoch0001-sample00000224.pt",  # the stop, after step 7
+    ]
+    saver.epoch_done({"loss": 0.5})
+    assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 2
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)][-1] == "ckpt-epoch0002.pt"
+
+
+def test_keep_prunes_mid_epoch_checkpoints_oldest_first_and_never_best(tmp_path):
+    saver = _saver(tmp_path, every=1, keep=2)
+    saver.validated("val_loss", 1.0, lambda new, old: new < old)
+    for steps in range(1, 5):
+        saver.midway(steps)
+    saver.epoch_done({"loss": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt",
+        "ckpt-epoch0001-sample00000128.pt",
+        "ckpt-epoch0002.pt",
+    ]
+    saver.validated("val_loss", 2.0, lambda new, old: new < old)  # worse: best.pt stays
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["best"] == 1.0
+
+
+def test_only_rank_0_writes(tmp_path):
+    saver = _saver(tmp_path, enabled=False, every=1)
+    saver.midway(1)
+    saver.stopped(2)
+    saver.validated("val_loss", 1.0, lambda new, old: new < old)
+    saver.epoch_done({"loss": 0.5})
+    assert list(tmp_path.iterdir()) == []
+    assert saver.best_value == 1.0  # every rank knows the best value: they agree on the next

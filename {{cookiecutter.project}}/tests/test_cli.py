@@ -424,3 +424,29 @@ def test_each_rank_gets_its_own_gpu(monkeypatch):
     devices = [distributed.pick_device("nccl", rank).index for rank in range(6)]
     assert devices == [0, 1, 2, 3, 0, 1]
     assert len(chosen) == 6
+
+
+def test_a_peer_that_hangs_fails_the_job_after_the_step_timeout(tmp_path):
+    """A rank stopped with SIGSTOP answers nothing and raises nothing: its peer's next collective
+    fails after --timeout (5 s here; torch's own default is 30 minutes) and the job ends."""
+    (tmp_path / "data").mkdir()
+    process = _start(tmp_path, *TORCHRUN_2, "--timeout=5")
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "epoch 1/50" in line:
+            break
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGSTOP)
+    try:
+        out, _ = process.communicate(timeout=240)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = "".join(lines) + out
+    assert process.returncode != 0
+    assert re.search(r"[Tt]imed out|timeout", out), out[-3000:]
