@@ -49,10 +49,10 @@ def test_a_rebuild_prunes_the_image_it_replaced(project):
     script.write_text(original + "\n# a code change\n")
     try:
         project.make("build")
+        images = sh(["docker", "image", "ls", "-aq", "--no-trunc"]).stdout.split()
     finally:
         script.write_text(original)
         project.make("build")  # back to the image the other tests expect
-    images = sh(["docker", "image", "ls", "-aq", "--no-trunc"]).stdout.split()
     assert before.stdout.strip() not in images, "the replaced image is still there"
 
 
