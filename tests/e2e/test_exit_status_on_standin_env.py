@@ -43,6 +43,7 @@ def test_a_failed_build_stops_make_test_too(project):
 
 
 def test_a_rebuild_prunes_the_image_it_replaced(project):
+    project.compose("down", "--remove-orphans")  # no container keeps the old image in use
     before = sh(["docker", "image", "inspect", "-f", "{{.Id}}", f"{project.name}:latest"])
     script = project.root / "train_dist.py"
     original = script.read_text()
