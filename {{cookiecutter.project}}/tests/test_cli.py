@@ -164,7 +164,8 @@ def test_a_changed_training_set_is_refused_mid_epoch_and_taken_at_an_epoch_end(t
 
 def test_without_a_terminal_rank_0_logs_progress_every_few_seconds(tmp_path):
     (tmp_path / "data").mkdir()
-    result = _train(tmp_path, "--epochs", "2", "--batch-size", "8", "--progress-every", "0.05")
+    # Every microsecond: a line after (nearly) every step, however fast the machine.
+    result = _train(tmp_path, "--epochs", "2", "--batch-size", "8", "--progress-every", "1e-6")
     assert result.returncode == 0, result.stderr
     shown = re.findall(
         r"epoch (\d)/2 step (\d+)/32, \d+ samples/s, ETA epoch (\d+:\d\d), job (\d+:\d\d)$",
@@ -175,6 +176,23 @@ def test_without_a_terminal_rank_0_logs_progress_every_few_seconds(tmp_path):
     steps = [int(step) for epoch, step, *_ in shown if epoch == "1"]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert "it/s" not in result.stdout + result.stderr  # no bar without a terminal
+
+
+def test_progress_lines_count_steps_from_a_resume_and_estimate_what_is_left(monkeypatch, caplog):
+    from {{ cookiecutter.package }} import logs
+    from {{ cookiecutter.package }}.sampling import EpochBatches
+
+    ticks = iter(range(100))  # each read of the clock: one second later
+    monkeypatch.setattr(logs.time, "monotonic", lambda: float(next(ticks)))
+    batches = EpochBatches(640, batch_size=16, rank=0, world_size=2, seed=0)  # 20 steps
+    batches.set_epoch(1, consumed=320)  # resumed halfway into the 2nd of 3 epochs
+    with caplog.at_level("INFO", logger=logs.__name__):
+        assert list(logs.logged_progress(range(10), batches, 1, 3, every=2)) == list(range(10))
+    lines = [record.getMessage() for record in caplog.records]
+    # Step 2 of this start comes 2 s after its start: 1 step/s, 32 samples/s; 8 steps of this
+    # epoch left, and the 20 of the last.
+    assert lines[0] == "epoch 2/3 step 12/20, 32 samples/s, ETA epoch 0:08, job 0:28"
+    assert len(lines) == 5 and lines[-1].startswith("epoch 2/3 step 20/20, ")
 
 
 def test_missing_data_dir_is_one_line_not_a_traceback(tmp_path):
