@@ -53,6 +53,25 @@ def test_a_killed_rendezvous_service_stops_every_node_with_one_line_and_up_resum
     assert f"resumed from {saved.group(1)}" in again.stdout, again.stdout[-3000:]
 
 
+def test_a_node_whose_processes_die_by_themselves_is_restarted_and_rejoins(project):
+    """Not `docker kill` (Docker never restarts what it was told to kill): the node's own
+    processes die, as in an out-of-memory kill, and its container exits 137."""
+    job = project.start_up(
+        "ARGS=--epochs 6 --samples 4096 --save-every-steps 20 --checkpoint-dir /checkpoints/oom"
+    )
+    job.read_until(r"epoch 2/6")
+    node = f"{project.name}-node-2"
+    sh(["docker", "exec", node, "kill", "-KILL", "-1"], check=False)  # all but PID 1 (init)
+    job.read_until(r"resumed from \S+: epoch \d+ done")
+    out = job.finish()
+    assert job.returncode == 0, out[-3000:]
+    restarts = sh(["docker", "inspect", "-f", "{{.RestartCount}}", node]).stdout.strip()
+    assert restarts == "1", out[-3000:]
+    # It came back into the job: the last round had both nodes again.
+    assert re.findall(r"world size (\d+)", out)[-1] == "2", out[-3000:]
+    assert project.exit_codes() == ["node 0", "node 0", "rendezvous 0"]
+
+
 def test_restarts_exhausted_fail_with_a_reason(project):
     (project.root / "crash.py").write_text(CRASHING_SCRIPT)
     started = time.monotonic()
