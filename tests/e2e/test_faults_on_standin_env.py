@@ -57,9 +57,9 @@ def test_a_node_whose_processes_die_by_themselves_is_restarted_and_rejoins(proje
     """Not `docker kill` (Docker never restarts what it was told to kill): the node's own
     processes die, as in an out-of-memory kill, and its container exits 137."""
     job = project.start_up(
-        "ARGS=--epochs 6 --samples 4096 --save-every-steps 20 --checkpoint-dir /checkpoints/oom"
+        "ARGS=--epochs 20 --samples 4096 --save-every-steps 20 --checkpoint-dir /checkpoints/oom"
     )
-    job.read_until(r"epoch 2/6")
+    job.read_until(r"epoch 2/20")  # 20 epochs: time for the node to come back before the end
     node = f"{project.name}-node-2"
     sh(["docker", "exec", node, "kill", "-KILL", "-1"], check=False)  # all but PID 1 (init)
     job.read_until(r"resumed from \S+: epoch \d+ done")
