@@ -142,6 +142,22 @@ def slow_down(pid):
     raise AssertionError("no qdisc to slow the link with")
 
 
+def bytes_through_the_slow_link(pid):
+    """Bytes the node's slowed interface sent, read until the node exits (its network namespace
+    goes with it): a bounded poll of the qdisc's counter."""
+    sent, deadline = 0, time.monotonic() + 600
+    while time.monotonic() < deadline:
+        shown = sh(
+            ["nsenter", "-t", pid, "-n", "tc", "-s", "qdisc", "show", "dev", "eth0"], check=False
+        )
+        counted = re.search(r"Sent (\d+) bytes", shown.stdout)
+        if shown.returncode != 0 or not counted:
+            return sent
+        sent = max(sent, int(counted.group(1)))
+        time.sleep(0.5)
+    return sent
+
+
 def test_slow_network_still_completes(project):
     """The same job with and without a slow link on one node's interface."""
     rates, link = {}, None
@@ -156,12 +172,18 @@ def test_slow_network_still_completes(project):
             project.compose(
                 "up", "--detach", "--no-deps", "--no-recreate", "--scale", "node=2", "node", **env
             )
+            if slow:
+                shaped = bytes_through_the_slow_link(pid.stdout.strip())
             project.compose("wait", "node", timeout=600)
             log = project.logs("node")
         finally:
             project.compose("down", "--remove-orphans")
         assert "epoch 2/2" in log and "final loss" in log, log[-2000:]
+        assert re.search(r"weights by rank: 0@\S+=(\w+) 1@\S+=\1$", log, re.MULTILINE), log
         rates[slow] = float(re.findall(r"epoch 2/2 .* samples/s (\d+)", log)[-1])
+    # The premise: the job's traffic went through the slowed link (2 epochs of all-reduces of
+    # the model's gradients are megabytes; a link that carried none would prove nothing).
+    assert shaped > 2**20, shaped
     record(
         slow_link=link,
         slow_link_samples_per_s=rates[True],
