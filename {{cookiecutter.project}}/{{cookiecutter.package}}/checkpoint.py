@@ -243,7 +243,7 @@ class Saver:
             return
         self.best_value = value
         resting()
-        with fail_together():  # a failed write stops every rank (status 2), not rank 0 alone
+        with fail_together(slow_rank=0):  # a failed write stops every rank (status 2)
             if self.enabled:
                 now = self._state(self.batches.position(steps))
                 path = write(now, self.directory / BEST)
@@ -256,7 +256,7 @@ class Saver:
     def _save(self, where):
         resting()  # every rank waits for the save, under --checkpoint-timeout, not HEALTH_TIMEOUT
         path = None
-        with fail_together():
+        with fail_together(slow_rank=0):
             if self.enabled:
                 now = self._state(where)
                 path = save(now, self.directory, where["epoch"], where["samples"], self.keep)

@@ -21,18 +21,23 @@ log = logging.getLogger(__name__)
 # The status of the ranks that stopped because another rank was asked to (docker/launch.py knows
 # it too): torchrun re-forms the job without the node that left, and counts no failure.
 PEER_STOPPED = 75
-# The control group: gloo, on the CPU, with a bound of its own. It carries what is not a training
-# step: stop votes, errors, metrics, the checkpoint rank 0 sends and the wait for its saves. The
-# training group's bound (--timeout) is for a silent peer in a step; a checkpoint of a few GB on a
-# slow disk may take longer to read or write than that.
-_control = None
+# Two CPU (gloo) groups beside the training group, each with its own bound. The control group
+# carries what every rank reaches within a step of the others (stop votes, errors, metrics, the
+# final check), so a silent peer fails it after --timeout, as it fails a training step. The
+# waiting group carries the waits for slow work: the task's data, the checkpoint rank 0 reads and
+# sends, rank 0's saves; a checkpoint of a few GB on a slow disk may take longer than --timeout,
+# so its bound is --checkpoint-timeout.
+_control = _waiting = None
+_timeout = None
 
 
-def init(backend, timeout_s, control_timeout_s):
+def init(backend, timeout_s, checkpoint_timeout_s):
     """Join the job's process groups (torchrun's environment); return (rank, world size)."""
-    global _control
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    _control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
+    global _control, _waiting, _timeout
+    _timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, timeout=_timeout)
+    _control = dist.new_group(backend="gloo", timeout=_timeout)
+    _waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=checkpoint_timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -74,20 +79,26 @@ def pick_device(backend, rank, deterministic=False):
 
 
 def from_rank_0(obj):
-    """Rank 0's `obj` on every rank (on the CPU), bounded by the control group's timeout."""
+    """Rank 0's `obj` on every rank (on the CPU), under --checkpoint-timeout: the others wait for
+    rank 0 to read it."""
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_control, device=torch.device("cpu"))
+    dist.broadcast_object_list(box, src=0, group=_waiting, device=torch.device("cpu"))
     return box[0]
 
 
-def any_rank(flag):
-    """True on every rank as soon as `flag` is true on one of them."""
+def any_rank(flag, group=None, timeout=None):
+    """True on every rank as soon as `flag` is true on one of them; on the control group unless
+    told, and waiting at most `timeout` (a timedelta) if one is given."""
     if not dist.is_initialized():
         return bool(flag)
     votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control)
+    vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control if group is None else group, async_op=True)
+    if timeout:
+        vote.wait(timeout)
+    else:
+        vote.wait()
     return bool(votes.item())
 
 
@@ -101,25 +112,30 @@ def gather(obj):
 
 
 def wait_for_rank_0():
-    """Until rank 0 is here too: after its saves, so that the next training step's collective,
-    bounded by --timeout, does not count the time rank 0 spent writing."""
+    """Until rank 0 is here too (under --checkpoint-timeout): after its reads, so that the next
+    collective, bounded by --timeout, does not count the time rank 0 spent reading."""
     if dist.is_initialized():
-        dist.barrier(group=_control)
+        dist.barrier(group=_waiting)
 
 
 @contextmanager
-def fail_together():
+def fail_together(slow_rank=None):
     """A DataError (missing data, an unwritable folder) on one rank stops every rank with it.
 
     The others would otherwise wait in their next collective until it times out, and torchrun
     would restart a job that cannot succeed. Only the rank that found the problem reports it.
+    Ranks wait for each other's block under --checkpoint-timeout (data to load, a checkpoint to
+    read or write); `slow_rank`, the one rank whose block is slow (rank 0 saving), waits for the
+    others only under --timeout, since they were waiting already: a peer that hung meanwhile
+    ends the job as soon as in a training step.
     """
+    timeout = _timeout if dist.is_initialized() and dist.get_rank() == slow_rank else None
     try:
         yield
     except DataError:
-        any_rank(True)
+        any_rank(True, _waiting, timeout)
         raise
-    if any_rank(False):
+    if any_rank(False, _waiting, timeout):
         raise DataError("")
 
 
@@ -212,8 +228,8 @@ def shutdown():
     ("terminate called without an active exception") after a job that finished. The group dies
     with its last reference: DDP can hold one in a reference cycle, hence the collection.
     """
-    global _control
+    global _control, _waiting
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _control = None
+    _control = _waiting = None
