@@ -93,8 +93,9 @@ def any_rank(flag, group=None, timeout=None):
     told, and waiting at most `timeout` (a timedelta) if one is given."""
     if not dist.is_initialized():
         return bool(flag)
+    group = _control if group is None else group
     votes = torch.tensor([int(flag)])
-    vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control if group is None else group, async_op=True)
+    vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group, async_op=True)
     if timeout:
         vote.wait(timeout)
     else:
