@@ -239,7 +239,7 @@ def bench_loop(results):
 
 def bench_scaling(results):
     sys.path.insert(0, str(PROJECT))
-    from ddp_bench.task import SmallCNN
+    from task import SmallCNN
 
     grad_bytes = 4 * sum(p.numel() for p in SmallCNN().parameters())  # float32 gradients
     for nodes in (1, 2, 4):

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ddp_bench.task import SmallCNN, synthetic
+from task import SmallCNN, synthetic
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler

@@ -12,10 +12,12 @@ from ddp_bench import distributed
 
 def agreed(self):
     if not dist.is_initialized():
-        return self.signal is not None
+        self.stopped = self.signal is not None
+        return self.stopped
     votes = torch.tensor([int(self.signal is not None)])
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return bool(votes.item())
+    self.stopped = bool(votes.item())
+    return self.stopped
 
 
 distributed.GracefulStop.agreed = agreed

@@ -42,7 +42,7 @@ def main():
     make_executable(root)
     print(f"\nCreated {root}. Next:\n")
     print(f"    cd {ANSWERS['project']}")
-    print(f"    # your model and data: {ANSWERS['package']}/task.py (README: Bring your own model)")
+    print("    # your model and data: task.py (README: Bring your own model)")
     print("    make build      # build the image (Miniconda env + your code)")
     print(f"    make up         # train on {ANSWERS['nodes']} node(s); status in build/status")
     print()

@@ -80,7 +80,7 @@ def test_hadolint(project):
 def test_shellcheck(project):
     answers, root = project
     scripts = sorted(str(p) for p in [*root.rglob("*.sh"), *root.rglob("*.sbatch")])
-    # The launch path is Python (docker/launch.py); the shell files are the healthcheck and the
+    # The launch path is Python (python -m launcher); the shell files are the healthcheck and the
     # Slurm batch script.
     assert len(scripts) == 1 + (answers.get("cluster_engines", "yes") == "yes")
     if scripts:
@@ -137,7 +137,7 @@ def test_compose_config_carries_the_answers(project):
     # The store trains nothing: no data, checkpoints, logs or GPU.
     assert "volumes" not in store
     assert node["init"] is True and store["init"] is True
-    assert store["command"] == ["python", "/app/docker/rendezvous.py"]
+    assert store["command"] == ["python", "-m", "launcher.rendezvous"]
     assert store["restart"] == "no" and store["healthcheck"]["test"][0] == "CMD"
     assert "reservations" not in store["deploy"]["resources"]
     # Nodes wait for the service themselves; without depends_on, Compose stops all at once.
@@ -239,7 +239,7 @@ def test_dockerfile_follows_the_answers(project):
     base = "miniforge3" if answers.get("conda") == "miniforge" else "miniconda3"
     assert re.search(rf"ARG CONDA_IMAGE=\S+/{base}:\S+", dockerfile)
     assert "ARG ENV_IMAGE=env" in dockerfile and "FROM ${ENV_IMAGE} AS runtime" in dockerfile
-    assert 'ENTRYPOINT []\nCMD ["python", "/app/docker/launch.py"]' in dockerfile
+    assert 'ENTRYPOINT []\nCMD ["python", "-m", "launcher"]' in dockerfile
     assert "USER ${APP_UID}:${APP_GID}" in dockerfile
     assert "conda run" not in dockerfile.replace("not `conda run`", "")
 
@@ -411,9 +411,9 @@ def test_every_knob_in_the_readme_reaches_the_containers(tmp_path, answers):
 @pytest.mark.parametrize("answers", [{}, {"gpu": "yes"}], ids=["cpu", "gpu"])
 def test_every_engine_takes_the_launchers_knobs_from_dot_env_alone(tmp_path, answers):
     root = render(tmp_path, **answers)
-    spec = importlib.util.spec_from_file_location("launch", root / "docker" / "launch.py")
+    spec = importlib.util.spec_from_file_location("settings", root / "launcher" / "settings.py")
     launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)  # no torch at import: the launcher imports it later
+    spec.loader.exec_module(launch)  # no torch at import: the node imports it later
     env = env_settings(root)
     assert not hasattr(launch, "DEFAULTS")
     assert set(launch.KNOBS) <= set(env), "a launcher knob has no default in .env"

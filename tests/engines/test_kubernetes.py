@@ -113,14 +113,14 @@ def test_every_training_pod_dials_the_rendezvous_service_which_trains_nothing(ma
     assert service["spec"]["selector"] == {"job-name": store["metadata"]["name"]}
     assert service["spec"]["ports"][0]["port"] == 29400
     container = store["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "/app/docker/rendezvous.py"]
+    assert container["command"] == ["python", "-m", "launcher.rendezvous"]
     assert store["spec"]["backoffLimit"] == 0  # a new store would not know the running rounds
     plain = next(d for d in documents if d["kind"] == "Job")["spec"]["template"]["spec"]
     operator = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     for pod in (plain, operator):
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env["RDZV_ADDR"] == f"{name}-rendezvous"
-        # The image's own command (docker/launch.py) runs, the same on every pod.
+        # The image's own command (python -m launcher) runs, the same on every pod.
         assert "command" not in pod["containers"][0] and "args" not in pod["containers"][0]
 
 

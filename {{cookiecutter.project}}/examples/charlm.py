@@ -1,7 +1,7 @@
 """Example task: a character-level language model (a small causal Transformer) on a text file.
 
 Use it with TASK=examples/charlm.py in .env (or `make up TASK=examples/charlm.py`), or copy it
-over {{ cookiecutter.package }}/task.py and edit from there.
+over task.py and edit from there.
 
 The text: --text, by default examples/data/public-domain.txt (seven of Shakespeare's sonnets,
 1609, and Lincoln's Gettysburg Address, 1863: public domain). Point it at your own file (put it
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from {{ cookiecutter.package }}.data import DataError
-from {{ cookiecutter.package }}.tasks import means, param_groups, positive
+from {{ cookiecutter.package }}.errors import UsageError
+from {{ cookiecutter.package }}.task_helpers import means, param_groups, positive
 
 MONITOR, MODE = "loss", "min"
 TEXT = Path(__file__).resolve().parent / "data" / "public-domain.txt"
@@ -53,9 +53,9 @@ def vocabulary(args):
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"--text {path}: {err}") from None
+        raise UsageError(f"--text {path}: {err}") from None
     if len(text) < 2 * (args.block_size + 1):
-        raise DataError(f"--text {path} has {len(text)} characters: too few for --block-size")
+        raise UsageError(f"--text {path} has {len(text)} characters: too few for --block-size")
     return text, sorted(set(text))
 
 

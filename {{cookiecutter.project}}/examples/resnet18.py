@@ -1,7 +1,7 @@
 """Example task: torchvision's ResNet-18 (weights=None) on your images.
 
 Use it with TASK=examples/resnet18.py in .env (or `make up TASK=examples/resnet18.py`), or copy
-it over {{ cookiecutter.package }}/task.py and edit from there.
+it over task.py and edit from there.
 
 Data, in ImageFolder layout: data/train/<class>/<image> and, if there is one, data/val/<class>/...;
 without data/val a fixed tenth of data/train is held out (the same on every rank and restart).
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from {{ cookiecutter.package }}.data import DataError, readable_dir
-from {{ cookiecutter.package }}.tasks import param_groups
+from {{ cookiecutter.package }}.errors import UsageError
+from {{ cookiecutter.package }}.folders import readable_dir
+from {{ cookiecutter.package }}.task_helpers import param_groups
 
 MONITOR, MODE = "accuracy", "max"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,7 +93,7 @@ def model(args):
     net = resnet18(weights=None, num_classes=len(classes))
     if args.sync_bn:
         if args.backend != "nccl":
-            raise DataError("--sync-bn needs GPUs (backend nccl): SyncBatchNorm runs on GPUs only")
+            raise UsageError("--sync-bn needs GPUs (backend nccl): SyncBatchNorm runs on GPUs only")
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     return net
 
@@ -102,16 +103,17 @@ def optimizer(model, args):
 
 
 def step(model, batch):
+    """Cross-entropy; `accuracy` counts the right predictions (summarize divides by samples)."""
     images, labels = batch
     logits = model(images)
-    loss = F.cross_entropy(logits, labels)
-    return loss, {"accuracy": (logits.argmax(1) == labels).sum()}
+    right = (logits.argmax(1) == labels).sum()
+    return F.cross_entropy(logits, labels), {"accuracy": right}
 
 
 def folders(args):
     train_dir = Path(args.data_dir) / "train"
     if not train_dir.is_dir():
-        raise DataError(
+        raise UsageError(
             f"{train_dir} does not exist: this task trains on data/train/<class>/<image> "
             "(and data/val/<class>/<image> if present)"
         )

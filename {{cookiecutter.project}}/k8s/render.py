@@ -1,11 +1,10 @@
 """Fill the ${...} of the Kubernetes manifests in from .env and the environment, and write the
-launcher's knobs (docker/launch.py KNOBS) into a ConfigMap that every training pod reads, so
+launcher's knobs (launcher/settings.py KNOBS) into a ConfigMap that every training pod reads, so
 that a pod runs with the same settings as a Compose node.
 
 usage: python k8s/render.py OUT_DIR     (make k8s-manifests IMAGE=registry/name:tag)
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -59,10 +58,10 @@ def settings():
 
 
 def knobs():
-    spec = importlib.util.spec_from_file_location("launch", HERE.parent / "docker" / "launch.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)  # imports no torch
-    return launch.KNOBS
+    sys.path.insert(0, str(HERE.parent))
+    from launcher.settings import KNOBS  # imports no torch
+
+    return KNOBS
 
 
 def config_map(values):

@@ -1,5 +1,5 @@
-"""docker/launch.py as the nodes of a job on this machine (127.0.0.1), and docker/rendezvous.py
-as its rendezvous service, for the tests."""
+"""The launcher's nodes (python -m launcher) as the nodes of a job on this machine (127.0.0.1),
+and its rendezvous service (python -m launcher.rendezvous), for the tests."""
 
 import os
 import re
@@ -34,16 +34,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(program="launch.py", preexec=None, **env):
-    """docker/launch.py (or another program of docker/) as one node, in the background (stdout
-    and stderr merged), in its own process group: kill() ends it as `docker kill` ends a
-    container. `preexec` runs in the child before the program (resource limits, say)."""
+def start(program="launcher", preexec=None, **env):
+    """A module of the launcher (`python -m launcher`, or launcher.rendezvous) as one node, in the
+    background (stdout and stderr merged), in its own process group: kill() ends it as `docker
+    kill` ends a container. `preexec` runs in the child before the program (resource limits)."""
     inherited = {k: v for k, v in os.environ.items() if k not in UNSET}
     # The same on any render and machine (a GPU render's .env has nccl): CPU processes that
     # start as on every engine; a test that needs fork says so.
     fixed = {"START_METHOD": "spawn", "DDP_BACKEND": "gloo"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "docker" / program)],
+        [sys.executable, "-m", program],
         cwd=ROOT,
         env={**inherited, **fixed, **env},
         stdout=subprocess.PIPE,
@@ -62,7 +62,7 @@ def kill(process):
 class Node:
     """One node whose output is read as it comes, each line with the time it came."""
 
-    def __init__(self, program="launch.py", **env):
+    def __init__(self, program="launcher", **env):
         self.environment = env  # what it was started with: a node to join it starts with the same
         self.process = start(program, **env)
         self.lines = []
@@ -120,6 +120,6 @@ def ghost(job, name):
 
 
 def rendezvous(**job):
-    """docker/rendezvous.py for a job started with `job` (RDZV_PORT and RUN_ID), as a Node."""
+    """The rendezvous service for a job started with `job` (RDZV_PORT and RUN_ID), as a Node."""
     port, run_id = job["RDZV_PORT"], job["RUN_ID"]
-    return Node("rendezvous.py", RDZV_PORT=port, RUN_ID=run_id, IDLE_TIMEOUT="30")
+    return Node("launcher.rendezvous", RDZV_PORT=port, RUN_ID=run_id, IDLE_TIMEOUT="30")

@@ -5,7 +5,7 @@ set carries 2**i, so the sum over a pass is 2**VAL - 1 exactly when every sample
 import torch
 from torch.utils.data import Dataset
 
-from {{ cookiecutter.package }}.tasks import means
+from {{ cookiecutter.package }}.task_helpers import means
 
 VAL = 7
 MONITOR, MODE = "mse", "min"

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _model_and_optimizer(seed):
-    from {{ cookiecutter.package }}.task import SmallCNN
+    from task import SmallCNN
 
     torch.manual_seed(seed)
     model = SmallCNN()
@@ -253,8 +254,16 @@ class _Batches:
 
 def _saver(tmp_path, enabled=True, every=3, keep=3):
     model, optimizer = _model_and_optimizer(0)
-    resumed = checkpoint.Resumed()
-    return checkpoint.Saver(tmp_path, keep, every, model, optimizer, _Batches(), resumed, enabled)
+    return checkpoint.Saver(
+        tmp_path,
+        keep=keep,
+        every=every,
+        model=model,
+        stepper=SimpleNamespace(optimizer=optimizer, state_dict=dict),
+        batches=_Batches(),
+        resumed=checkpoint.Resumed(),
+        enabled=enabled,
+    )
 
 
 def test_the_saver_writes_every_n_steps_at_a_stop_and_at_the_epoch_end(tmp_path):

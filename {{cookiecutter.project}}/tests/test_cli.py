@@ -180,7 +180,7 @@ def test_without_a_terminal_rank_0_logs_progress_every_few_seconds(tmp_path):
 
 def test_progress_lines_count_steps_from_a_resume_and_estimate_what_is_left(monkeypatch, caplog):
     from {{ cookiecutter.package }} import logs
-    from {{ cookiecutter.package }}.sampling import EpochBatches
+    from {{ cookiecutter.package }}.dealing import EpochBatches
 
     ticks = iter(range(100))  # each read of the clock: one second later
     monkeypatch.setattr(logs.time, "monotonic", lambda: float(next(ticks)))
@@ -414,7 +414,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     samples = tmp_path / "logs" / "samples"
-    report = run(sys.executable, "-m", "{{ cookiecutter.package }}.samples", str(samples))
+    report = run(sys.executable, "-m", "{{ cookiecutter.package }}.sample_log", str(samples))
     assert report.returncode == 0, report.stdout + report.stderr
     assert report.stdout.count("4096 trained, 0 missing, 0 repeated") == epoch, report.stdout
 

@@ -3,10 +3,11 @@ from argparse import Namespace
 import pytest
 import torch
 
-from {{ cookiecutter.package }} import task
-from {{ cookiecutter.package }}.data import DataError, readable_dir
-from {{ cookiecutter.package }}.sampling import PAD, EpochBatches, make_loader, val_loader
-from {{ cookiecutter.package }}.task import synthetic
+import task
+from {{ cookiecutter.package }}.dealing import PAD, EpochBatches, make_loader, val_loader
+from {{ cookiecutter.package }}.errors import UsageError
+from {{ cookiecutter.package }}.folders import readable_dir
+from task import synthetic
 
 
 def _trained(world_size, batch_size=8, size=60, epoch=0, consumed=0):
@@ -139,18 +140,18 @@ def test_without_data_val_a_tenth_of_train_is_held_out(tmp_path):
 def test_val_classes_must_match_train(tmp_path):
     _images(tmp_path / "train")
     _images(tmp_path / "val", classes=("cat", "cow"))
-    with pytest.raises(DataError, match="has classes"):
+    with pytest.raises(UsageError, match="has classes"):
         task.datasets(_args(tmp_path))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         readable_dir(tmp_path / "nope")
 
 
 def test_unreadable_data_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("os.access", lambda path, mode: False)
-    with pytest.raises(DataError, match="is not readable"):
+    with pytest.raises(UsageError, match="is not readable"):
         readable_dir(tmp_path)
 
 

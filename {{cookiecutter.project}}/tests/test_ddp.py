@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from {{ cookiecutter.package }} import distributed
-from {{ cookiecutter.package }}.task import SmallCNN, synthetic
+from task import SmallCNN, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

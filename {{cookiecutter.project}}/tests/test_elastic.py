@@ -14,7 +14,7 @@ import nodes
 import pytest
 from nodes import Node, free_port
 
-from {{ cookiecutter.package }} import samples
+from {{ cookiecutter.package }} import sample_log
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small batches, so that an epoch takes seconds: a stop sent early in one lands inside it.
@@ -95,7 +95,7 @@ def test_ranks_stopped_mid_epoch_resume_as_fewer_and_train_each_sample_once(tmp_
     assert f"world size {ranks - 1}" in out
     assert re.search(r"epoch 1 done, \d+ samples into the next", out)
     assert re.search(r"epoch 3/3 loss [0-9.]+ .*val_loss [0-9.]+", out)
-    counted = samples.count(tmp_path / "log" / "samples")
+    counted = sample_log.count(tmp_path / "log" / "samples")
     size = counted[0][1] + counted[0][2]
     assert counted == [(epoch, size, 0, 0) for epoch in (1, 2, 3)]
 
@@ -112,7 +112,7 @@ def test_stops_at_the_same_world_size_end_with_the_uninterrupted_weights(tmp_pat
     stop_in_epoch(torchrun(tmp_path / "stopped", 2, *LOOP), tmp_path / "stopped", epoch=2)
     resumed = finish(torchrun(tmp_path / "stopped", 2, *LOOP))
     assert fingerprint(resumed) == fingerprint(whole)
-    assert [row[1:] for row in samples.count(tmp_path / "stopped" / "log" / "samples")] == [
+    assert [row[1:] for row in sample_log.count(tmp_path / "stopped" / "log" / "samples")] == [
         (SAMPLES, 0, 0)
     ] * 3
 
@@ -125,7 +125,7 @@ def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     os.killpg(job.pid, signal.SIGKILL)  # the agent and its ranks: no stop, no save
     job.communicate(timeout=60)
     finish(torchrun(tmp_path, ranks, f"--save-every-steps={every}"))
-    counted = samples.count(tmp_path / "log" / "samples")
+    counted = sample_log.count(tmp_path / "log" / "samples")
     assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
     assert counted[0][3] == counted[2][3] == 0
     assert 0 <= counted[1][3] <= every * BATCH * ranks, counted  # repeated: at most 5 steps
@@ -133,7 +133,7 @@ def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
 
 def start_nodes(tmp_path, count, **env):
     """The rendezvous service and `count` nodes of one job on this machine, each started as in
-    a container (docker/rendezvous.py, docker/launch.py); returns (service, nodes)."""
+    a container (python -m launcher.rendezvous, python -m launcher); returns (service, nodes)."""
     (tmp_path / "data").mkdir(exist_ok=True)
     folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
     common = {
@@ -181,7 +181,7 @@ def test_the_node_holding_rank_0_stopped_mid_epoch_leaves_and_the_rest_go_on_wit
         assert "the job re-forms, no restart counted" in node.output
     assert "final loss" in new_rank_0.output
     assert service.finish(timeout=120) == 0, service.output
-    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+    assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_a_save(tmp_path):
@@ -197,7 +197,7 @@ def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_
         assert node.finish() == 0, node.output
     assert "final loss" in new_rank_0.output
     assert service.finish(timeout=120) == 0, service.output
-    counted = samples.count(tmp_path / "log" / "samples")
+    counted = sample_log.count(tmp_path / "log" / "samples")
     assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
     assert counted[0][3] == counted[2][3] == 0
     assert 0 <= counted[1][3] <= every * BATCH * 2, counted  # repeated: at most 5 steps of 2
@@ -226,7 +226,7 @@ def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_onc
     holding_rank_0([*first, joining], 2)
     for node in (*first, joining):
         assert node.finish() == 0, node.output
-    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+    assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
@@ -244,7 +244,7 @@ def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
     for node in started:
         assert node.finish() == 0, node.output
     assert "final loss" in rank_0.output
-    assert samples.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+    assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):
@@ -253,9 +253,9 @@ def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):
     (epoch / "size").write_text("4\n")
     (epoch / "a-1-r0.ids").write_text("0\n1\n")
     (epoch / "b-2-r0.ids").write_text("1\n2\n")
-    assert samples.main([str(tmp_path)]) == 1
+    assert sample_log.main([str(tmp_path)]) == 1
     assert capsys.readouterr().out == "epoch 1: 3 trained, 1 missing, 1 repeated\n"
     (epoch / "c-3-r1.ids").write_text("3\n")
-    assert samples.main(["--at-least-once", str(tmp_path)]) == 0
+    assert sample_log.main(["--at-least-once", str(tmp_path)]) == 0
     (epoch / "b-2-r0.ids").write_text("2\n")
-    assert samples.main([str(tmp_path)]) == 0
+    assert sample_log.main([str(tmp_path)]) == 0

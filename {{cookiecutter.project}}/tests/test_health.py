@@ -91,7 +91,16 @@ def test_a_node_saving_a_checkpoint_reads_as_starting_not_as_hung(monkeypatch, t
     monkeypatch.setattr(checkpoint, "write", save)
     batches = SimpleNamespace(position=lambda steps=None: {"epoch": 0, "samples": 0})
     resumed = SimpleNamespace(metrics=None, best=None)
-    saver = checkpoint.Saver(tmp_path, 3, 0, None, None, batches, resumed, enabled=True)
+    saver = checkpoint.Saver(
+        tmp_path,
+        keep=3,
+        every=0,
+        model=None,
+        stepper=None,
+        batches=batches,
+        resumed=resumed,
+        enabled=True,
+    )
     monkeypatch.setattr(saver, "_state", lambda where: {})
     for save_one in (lambda: saver.epoch_done({}), lambda: saver.validated("val_loss", 1.0, min)):
         beat.touch()

@@ -1,10 +1,11 @@
-"""docker/launch.py as a node runs it, here on one machine: how torchrun starts the script, the
-wait for the rendezvous service, the address a node announces, restarts and exit codes."""
+"""The launcher (launcher/node.py) as a node runs it, here on one machine: how torchrun starts
+the script, the wait for the rendezvous service, the address a node announces, restarts and exit
+codes."""
 
-import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,9 @@ from pathlib import Path
 import nodes
 import pytest
 from nodes import UNSET, free_port
+
+from launcher import node as launcher_node
+from launcher import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """\
@@ -27,7 +31,7 @@ sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
 
 
 def start(tmp_path, **env):
-    """docker/launch.py as one node running the probe, in the background."""
+    """The launcher as one node running the probe, in the background."""
     (tmp_path / "probe.py").write_text(PROBE)
     defaults = {
         "SCRIPT": str(tmp_path / "probe.py"),
@@ -43,7 +47,7 @@ def start(tmp_path, **env):
 
 
 def launch(tmp_path, **env):
-    """docker/launch.py as one node, to its end."""
+    """The launcher as one node, to its end."""
     node = start(tmp_path, **env)
     stdout, _ = node.communicate(timeout=300)
     return subprocess.CompletedProcess(node.args, node.returncode, stdout)
@@ -244,13 +248,6 @@ def test_a_restarted_node_whose_job_is_gone_exits_before_importing_torch_as_it_l
     assert not re.search(r"\|\s+torch$", result.stdout, re.MULTILINE)
 
 
-def load_launcher():
-    spec = importlib.util.spec_from_file_location("launch", ROOT / "docker" / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "env, address",
     [
@@ -264,7 +261,7 @@ def test_a_node_announces_an_address_the_others_can_dial(monkeypatch, env, addre
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert load_launcher().local_address() == address
+    assert launcher_node.local_address() == address
 
 
 @pytest.mark.parametrize(
@@ -280,14 +277,13 @@ def test_a_node_announces_an_address_the_others_can_dial(monkeypatch, env, addre
 )
 def test_processes_per_node_fit_the_gpus_the_node_sees(monkeypatch, nproc, backend, gpus, expected):
     """A faked GPU count: with nccl, two ranks on one GPU are refused before training."""
-    launch = load_launcher()
     monkeypatch.setenv("NPROC_PER_NODE", nproc)
     monkeypatch.setenv("DDP_BACKEND", backend)
     if isinstance(expected, int):
-        assert launch.processes(gpus=gpus) == expected
+        assert launcher_node.processes(gpus=gpus) == expected
     else:
-        with pytest.raises(launch.Refused, match=re.escape(expected)):
-            launch.processes(gpus=gpus)
+        with pytest.raises(launcher_node.Refused, match=re.escape(expected)):
+            launcher_node.processes(gpus=gpus)
 
 
 def test_a_starting_node_forgets_its_last_runs_heartbeat(tmp_path):
@@ -302,33 +298,31 @@ def test_a_starting_node_forgets_its_last_runs_heartbeat(tmp_path):
 def test_a_knob_comes_from_the_environment_else_from_dot_env_and_has_no_other_default(
     monkeypatch, tmp_path
 ):
-    launch = load_launcher()
     (tmp_path / ".env").write_text("# a comment=no\nWAIT_TIMEOUT=7\nARGS=--epochs 3 --lr 0.1\n")
-    monkeypatch.setattr(launch, "ENV_FILE", tmp_path / ".env")
-    for name in launch.KNOBS:
+    monkeypatch.setattr(settings, "ENV_FILE", tmp_path / ".env")
+    for name in settings.KNOBS:
         monkeypatch.delenv(name, raising=False)
-    assert launch.setting("WAIT_TIMEOUT") == "7"
-    assert launch.setting("ARGS") == "--epochs 3 --lr 0.1"
+    assert launcher_node.setting("WAIT_TIMEOUT") == "7"
+    assert launcher_node.setting("ARGS") == "--epochs 3 --lr 0.1"
     monkeypatch.setenv("WAIT_TIMEOUT", "9")  # what the engine passes wins
-    assert launch.setting("WAIT_TIMEOUT") == "9"
+    assert launcher_node.setting("WAIT_TIMEOUT") == "9"
     monkeypatch.setenv("REJOIN_TIMEOUT", "")  # empty: .env's, else empty (ARGS in an image)
-    assert launch.setting("REJOIN_TIMEOUT") == ""
+    assert launcher_node.setting("REJOIN_TIMEOUT") == ""
     monkeypatch.delenv("REJOIN_TIMEOUT")
-    with pytest.raises(launch.Refused, match="REJOIN_TIMEOUT is not set: pass it to every node"):
-        launch.setting("REJOIN_TIMEOUT")
+    with pytest.raises(settings.Refused, match="REJOIN_TIMEOUT is not set: pass it to every"):
+        launcher_node.setting("REJOIN_TIMEOUT")
 
 
 def test_a_node_without_its_knobs_is_refused_in_one_line(tmp_path):
     """An image has no .env: an engine that passed no knob gets a usage error, not a default."""
-    knobs = load_launcher().KNOBS
     (tmp_path / "probe.py").write_text(PROBE)
-    copy = tmp_path / "project" / "docker"  # no .env above it, as in an image
-    copy.mkdir(parents=True)
-    for name in ("launch.py", "elastic_patches.py"):
-        (copy / name).write_text((ROOT / "docker" / name).read_text())
-    inherited = {k: v for k, v in os.environ.items() if k not in UNSET and k not in knobs}
+    copy = tmp_path / "project"  # the launcher and the exit codes, no .env: as in an image
+    shutil.copytree(ROOT / "launcher", copy / "launcher")
+    shutil.copytree(ROOT / "{{ cookiecutter.package }}", copy / "{{ cookiecutter.package }}")
+    inherited = {k: v for k, v in os.environ.items() if k not in UNSET and k not in settings.KNOBS}
     result = subprocess.run(
-        [sys.executable, str(copy / "launch.py")],
+        [sys.executable, "-m", "launcher"],
+        cwd=copy,
         env={**inherited, "SCRIPT": str(tmp_path / "probe.py")},
         capture_output=True,
         text=True,
@@ -354,9 +348,8 @@ def test_a_node_without_its_knobs_is_refused_in_one_line(tmp_path):
     ],
 )
 def test_every_rendezvous_knob_reaches_torchrun(monkeypatch, tmp_path, knob, value, argument):
-    launch = load_launcher()
     monkeypatch.setenv(knob, value)
-    arguments = launch.torchrun_arguments(tmp_path / "probe.py")
+    arguments = launcher_node.torchrun_arguments(tmp_path / "probe.py")
     assert any(argument in part for part in arguments), arguments
 
 
@@ -395,28 +388,27 @@ def test_threads_follow_the_cgroup_cpu_limit(tmp_path, files, cpus):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     expected = cpus or len(os.sched_getaffinity(0))
-    assert load_launcher().cpu_limit(tmp_path) == expected
+    assert launcher_node.cpu_limit(tmp_path) == expected
 
 
 @pytest.mark.parametrize("cpus, nproc, threads", [(4, "2", "2"), (2, "4", "1"), (3, "2", "1")])
 def test_omp_threads_are_the_cpu_limit_over_the_processes(monkeypatch, cpus, nproc, threads):
-    launch = load_launcher()
     # What prepare_processes sets goes back to what it was after the test.
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("NPROC_PER_NODE", nproc)
-    monkeypatch.setattr(launch, "cpu_limit", lambda: cpus)
+    monkeypatch.setattr(launcher_node, "cpu_limit", lambda: cpus)
     monkeypatch.setattr(sys, "path", list(sys.path))  # prepare_processes sets sys.path[0]
-    launch.prepare_processes(ROOT / "train_dist.py")
+    launcher_node.prepare_processes(ROOT / "train_dist.py")
     assert os.environ["OMP_NUM_THREADS"] == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's own choice stands
-    launch.prepare_processes(ROOT / "train_dist.py")
+    launcher_node.prepare_processes(ROOT / "train_dist.py")
     assert os.environ["OMP_NUM_THREADS"] == "7"
 
 
 @pytest.mark.parametrize("code, status", [(3, 3), (2, 2), (-9, 137), (-15, 143), (-6, 134), (0, 1)])
 def test_a_process_killed_by_signal_n_is_status_128_plus_n(code, status):
-    assert load_launcher().node_status(code) == status
+    assert launcher_node.node_status(code) == status
 
 
 @pytest.mark.parametrize(
@@ -433,6 +425,6 @@ def test_a_restart_reads_the_status_its_last_run_wrote(tmp_path, written, status
     marker = tmp_path / "marker"
     if written is not None:
         marker.write_text(written)
-    assert load_launcher().last_status(str(marker)) == status
+    assert launcher_node.last_status(str(marker)) == status
     assert marker.exists()
-    assert load_launcher().last_status("") is None  # no marker set: never a restart
+    assert launcher_node.last_status("") is None  # no marker set: never a restart

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from {{ cookiecutter.package }} import distributed
-from {{ cookiecutter.package }}.sampling import default_workers, make_loader
+from {{ cookiecutter.package }}.dealing import default_workers, make_loader
 from {{ cookiecutter.package }}.steps import Stepper, lr_factor
 
 CPU = torch.device("cpu")

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from {{ cookiecutter.package }}.data import DataError
-from {{ cookiecutter.package }}.distributed import fail_together
+from {{ cookiecutter.package }}.distributed import fail_together, from_rank_0, wait_for_rank_0
+from {{ cookiecutter.package }}.errors import UsageError
 from {{ cookiecutter.package }}.health import resting
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
 BEST = "best.pt"
 
 
-class CheckpointError(DataError):
+class CheckpointError(UsageError):
     """A checkpoint that is there but cannot be used as it is; the message says what to do."""
 
 
@@ -71,7 +71,7 @@ def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) ->
     return final
 
 
-class WriteError(DataError):
+class WriteError(UsageError):
     """A checkpoint that could not be written (a full disk, a quota, a file size limit): every
     rank stops with status 2 rather than train on with nothing saved, or be restarted into the
     same wall; the previous checkpoints are as they were."""
@@ -156,6 +156,41 @@ def restore(state, model, optimizer, samples_per_step) -> Resumed:
     return Resumed(state["epoch"], samples, state.get("seed"), metrics, best, size)
 
 
+MID_EPOCH = (
+    "it stopped mid-epoch, and only the same set can finish that epoch with each sample once."
+    " Resume with the same data (and --samples), or start afresh (another --checkpoint-dir)"
+)
+
+
+def resume(directory, model, stepper, *, rank, seed, size, samples_per_step) -> Resumed:
+    """Load the newest checkpoint of `directory` into every rank's model and step (rank 0 reads
+    it and sends it); refuse one that this job cannot go on from (another --seed, or another
+    training set mid-epoch); return where to go on from."""
+    state, path = None, None
+    with fail_together():
+        if rank == 0:
+            state, path = load_latest(directory)
+    state = from_rank_0(state)
+    resumed = restore(state, model, stepper.optimizer, samples_per_step)
+    stepper.load_state_dict(state)
+    wait_for_rank_0()  # and for every other rank to have unpacked the checkpoint
+    if resumed.seed not in (None, seed):
+        # The epoch's order comes from the seed: another one would train some samples twice.
+        message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
+        raise UsageError(message if rank == 0 else "")
+    if resumed.size not in (None, size):
+        changed = f"{path} was trained on {resumed.size} samples an epoch; there are {size}"
+        if resumed.samples:
+            # Which samples the epoch's first part held depends on its size: the rest of it
+            # would train some twice and miss others.
+            raise UsageError(f"{changed}: {MID_EPOCH}" if rank == 0 else "")
+        log.warning("%s: the next epoch deals the new set", changed)
+    if path:
+        done = f"epoch {resumed.epoch} done, {resumed.samples} samples into the next"
+        log.info("resumed from %s: %s", path, done)
+    return resumed
+
+
 def load_latest(directory):
     """Return (state, path) of the newest checkpoint that loads, or (None, None). A truncated
     or corrupt file is set aside; anything else raises CheckpointError."""
@@ -205,15 +240,14 @@ class Saver:
     """A run's checkpoints, written by rank 0 alone (DDP keeps the weights equal on every rank):
     at the end of each epoch, every `every` steps into one (0: never), where a stop left off,
     and best.pt when validation improves on the best so far. `batches`
-    (sampling.EpochBatches) says where training stands."""
+    (dealing.EpochBatches) says where training stands; `stepper` (steps.Stepper) holds the
+    optimizer and the step's own state."""
 
-    def __init__(
-        self, directory, keep, every, model, optimizer, batches, resumed, enabled, extra=dict
-    ):
+    def __init__(self, directory, *, keep, every, model, stepper, batches, resumed, enabled):
         self.directory, self.keep, self.every = Path(directory), keep, every
-        self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.model, self.stepper, self.batches = model, stepper, batches
         self.metrics, self.best_value = resumed.metrics, resumed.best
-        self.enabled, self.extra = enabled, extra
+        self.enabled = enabled
 
     def epoch_done(self, metrics):
         self.metrics = metrics
@@ -250,8 +284,8 @@ class Saver:
                 log.info("best %s so far (%.4f): saved %s", name, value, path)
 
     def _state(self, where):
-        now = state(self.model, self.optimizer, where, self.metrics, self.best_value)
-        return {**now, **self.extra()}
+        now = state(self.model, self.stepper.optimizer, where, self.metrics, self.best_value)
+        return {**now, **self.stepper.state_dict()}
 
     def _save(self, where):
         resting()  # every rank waits for the save, under --checkpoint-timeout, not HEALTH_TIMEOUT

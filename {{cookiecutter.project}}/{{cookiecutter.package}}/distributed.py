@@ -7,6 +7,7 @@ import os
 import signal
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,12 +16,9 @@ import torch.distributed as dist
 # torch._dynamo), this package pins it in C++ for the rest of the process (torch 2.14).
 import torch.distributed._shard  # noqa: F401
 
-from {{ cookiecutter.package }}.data import DataError
+from {{ cookiecutter.package }}.errors import PEER_STOPPED, UsageError
 
 log = logging.getLogger(__name__)
-# The status of the ranks that stopped because another rank was asked to (docker/launch.py knows
-# it too): torchrun re-forms the job without the node that left, and counts no failure.
-PEER_STOPPED = 75
 # Two CPU (gloo) groups beside the training group, each with its own bound. The control group
 # carries what every rank reaches within a step of the others (stop votes, errors, metrics, the
 # final check), so a silent peer fails it after --timeout, as it fails a training step. The
@@ -29,6 +27,25 @@ PEER_STOPPED = 75
 # so its bound is --checkpoint-timeout.
 _control = _waiting = None
 _timeout = None
+
+
+class Ranks(NamedTuple):
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    ddp: bool  # under torchrun, in a process group; False under a plain `python train_dist.py`
+
+
+def join(args) -> Ranks:
+    """Join the job's process groups (torchrun's environment), or none under plain `python`, and
+    pick this process's device, as train_dist.py's flags say (--backend, --timeout,
+    --checkpoint-timeout, --deterministic)."""
+    if env_rank() == -1:
+        return Ranks(0, 1, pick_device(args.backend, 0, args.deterministic), ddp=False)
+    rank, world_size = init(args.backend, args.timeout, args.checkpoint_timeout)
+    return Ranks(rank, world_size, pick_device(args.backend, rank, args.deterministic), ddp=True)
 
 
 def init(backend, timeout_s, checkpoint_timeout_s):
@@ -41,9 +58,9 @@ def init(backend, timeout_s, checkpoint_timeout_s):
     return dist.get_rank(), dist.get_world_size()
 
 
-def control():
-    """The control group (None, the default group, before init: a test's own group)."""
-    return _control
+def env_rank():
+    """The rank torchrun gave this process (RANK), or -1 under a plain `python train_dist.py`."""
+    return int(os.environ.get("RANK", -1))
 
 
 def default_backend():
@@ -121,7 +138,7 @@ def wait_for_rank_0():
 
 @contextmanager
 def fail_together(slow_rank=None):
-    """A DataError (missing data, an unwritable folder) on one rank stops every rank with it.
+    """A UsageError (missing data, an unwritable folder) on one rank stops every rank with it.
 
     The others would otherwise wait in their next collective until it times out, and torchrun
     would restart a job that cannot succeed. Only the rank that found the problem reports it.
@@ -133,11 +150,11 @@ def fail_together(slow_rank=None):
     timeout = _timeout if dist.is_initialized() and dist.get_rank() == slow_rank else None
     try:
         yield
-    except DataError:
+    except UsageError:
         any_rank(True, _waiting, timeout)
         raise
     if any_rank(False, _waiting, timeout):
-        raise DataError("")
+        raise UsageError("")
 
 
 class GracefulStop:
@@ -149,6 +166,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signal = None
+        self.stopped = False  # agreed: every rank stops at the same step
         self._previous = {}
         self._vote = self._votes = None
 
@@ -179,16 +197,16 @@ class GracefulStop:
         host prepares the next one. The cost is one step: a stop lands a step later.
         """
         if not dist.is_initialized():
-            return self.signal is not None
-        agreed = False
+            self.stopped = self.signal is not None
+            return self.stopped
         if self._vote is not None:
             self._vote.wait()
-            agreed = bool(self._votes.item())
+            self.stopped = bool(self._votes.item())
         self._votes = torch.tensor([int(self.signal is not None)])
         self._vote = dist.all_reduce(
             self._votes, op=dist.ReduceOp.MAX, group=_control, async_op=True
         )
-        return agreed
+        return self.stopped
 
     def exit_status(self):
         """The signal's status on the rank that got it; PEER_STOPPED on the others, so that

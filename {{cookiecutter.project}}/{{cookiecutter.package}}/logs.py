@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from {{ cookiecutter.package }}.data import writable_dir
+from {{ cookiecutter.package }}.distributed import env_rank
+from {{ cookiecutter.package }}.folders import writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def progress(loader, batches, epoch, epochs, every):
     """Rank 0's progress through an epoch: a tqdm bar on a terminal; without one (containers,
     Slurm, Kubernetes) a log line every `every` seconds (0: none), with samples/s and the time
     the epoch and the job still need."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if env_rank() > 0:
         return loader
     if sys.stderr.isatty():
         from tqdm import tqdm

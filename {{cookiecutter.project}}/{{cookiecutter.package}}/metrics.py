@@ -50,6 +50,13 @@ class Sums:
         return total
 
 
+def epoch_metrics(summarize, sums, seconds, world_size):
+    """An epoch's values: the task's `summarize` of every rank's `sums`, and the loop's own."""
+    totals = sums.over_ranks()
+    loop = {"samples_per_s": totals["samples"] / seconds, "world_size": world_size}
+    return {**summarize(totals), **loop}
+
+
 def describe(values):
     """`loss 0.1234 accuracy 0.5678 val_loss ... samples/s 5000`: loss first, then the task's
     names as it gave them, validation after training."""
@@ -94,6 +101,11 @@ class MetricsLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, trained)
             self.writer.flush()
+
+    def midway(self, epoch, epochs, values, trained):
+        """record() of a validation inside an epoch: `epoch` is the epochs done and the part of
+        the next."""
+        self.record(epoch, epochs, values, trained, midway=True)
 
     def close(self):
         if self.writer is not None:

@@ -1,6 +1,7 @@
-"""From a batch's loss to an optimizer step: gradient accumulation, mixed precision, gradient
-clipping and the learning-rate schedule. The flags take the names users know from Lightning's
-Trainer (precision, accumulate, gradient clipping) and Hugging Face's warmup ratio."""
+"""From batches to optimizer steps: an epoch's training walk, gradient accumulation, mixed
+precision, gradient clipping and the learning-rate schedule. The flags take the names users know
+from Lightning's Trainer (precision, accumulate, gradient clipping) and Hugging Face's warmup
+ratio."""
 
 import math
 from contextlib import nullcontext
@@ -57,6 +58,44 @@ class Stepper:
             # under the same name); a checkpoint's optimizer state brings it back.
             group.setdefault("initial_lr", group["lr"])
 
+    @classmethod
+    def from_args(cls, args, optimizer, *, device, ddp, total):
+        """A Stepper with train_dist.py's flags (--precision, --accum-steps, ...)."""
+        return cls(
+            optimizer,
+            device,
+            ddp,
+            precision=args.precision,
+            accum_steps=args.accum_steps,
+            clip=args.clip_grad_norm,
+            schedule=args.schedule,
+            warmup=args.warmup_ratio,
+            total=total,
+        )
+
+    def train(self, net, loader, batches, *, task, stop, sums):
+        """Train the rest of an epoch in optimizer steps of `accum_steps` batches, adding each
+        batch to `sums`; yields (batches done, the step's sample ids) after each optimizer step.
+        Ends early once a stop is agreed (stop.stopped), always between two optimizer steps, so
+        that a checkpoint never holds half a step's gradients."""
+        net.train()
+        done, ids_of_step = 0, []
+        for batch, ids in loader:
+            if done % self.accum_steps == 0 and stop.agreed():
+                return
+            batches.seed_step(done)
+            last = self.ends_group(done + 1, len(batches))
+            weight = batches.weight(done, len(ids), self.accum_steps)
+            loss, extra = self.backward(net, task, to_device(batch, self.device), weight, last)
+            if len(ids):
+                sums.add_batch(loss, len(ids), extra)
+            done += 1
+            ids_of_step.append(ids)
+            if last:
+                self.step(batches.trained(done))
+                yield done, torch.cat(ids_of_step)
+                ids_of_step = []
+
     def autocast(self):
         if self.dtype is None:
             return nullcontext()
@@ -95,3 +134,16 @@ class Stepper:
     def load_state_dict(self, state):
         if state and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def to_device(batch, device):
+    """The batch's tensors on the device, in whatever structure the task's collate made."""
+    if isinstance(batch, torch.Tensor):
+        # From pinned memory (GPUs) the copy runs while the host prepares the next step.
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch

@@ -5,7 +5,7 @@ Records: LOG_DIR/samples/epochNNNN/size (the epoch's sample count) and one file 
 and start (<host>-<pid>-r<rank>.ids, an id a line, written after each step), so that restarts and
 other world sizes add files and never overwrite one.
 
-usage: python -m {{ cookiecutter.package }}.samples [--at-least-once] [FOLDER]   (make samples-report)
+usage: python -m {{ cookiecutter.package }}.sample_log [--at-least-once] [FOLDER]   (make samples-report)
 """
 
 import argparse

@@ -1,11 +1,8 @@
-"""Loading the task that TASK names (task.py in this package unless .env says otherwise), with
-its optional parts filled in; the contract is at the top of task.py."""
+"""Loading the task that TASK names (task.py beside train_dist.py unless .env says otherwise),
+with its optional parts filled in; the contract is at the top of task.py."""
 
-import argparse
 import importlib
 import importlib.util
-import math
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -13,41 +10,12 @@ from types import SimpleNamespace
 
 from torch.utils.data import default_collate
 
-from {{ cookiecutter.package }}.data import DataError
+from {{ cookiecutter.package }}.distributed import env_rank
+from {{ cookiecutter.package }}.errors import UsageError
+from {{ cookiecutter.package }}.task_helpers import means
 
-DEFAULT = "{{ cookiecutter.package }}/task.py"
+DEFAULT = "task.py"
 REQUIRED = ("datasets", "model", "optimizer", "step")
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` above 0."""
-
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def param_groups(model, weight_decay):
-    """Optimizer parameter groups with `weight_decay` (--weight-decay) on weight matrices and
-    kernels only: decaying biases and normalisation scales only pulls them away from their
-    working values (nanoGPT and timm split the same way: by dimension)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-
-
-def means(sums):
-    """The default summarize(): each sum per sample."""
-    samples = max(sums["samples"], 1)
-    return {name: value / samples for name, value in sums.items() if name != "samples"}
 
 
 def load(spec, root):
@@ -56,13 +24,12 @@ def load(spec, root):
     missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
     if missing:
         contract = f"the contract is at the top of {DEFAULT}"
-        raise DataError(f"TASK {spec} defines no {', '.join(missing)}: {contract}")
+        raise UsageError(f"TASK {spec} defines no {', '.join(missing)}: {contract}")
     monitor, mode = getattr(module, "MONITOR", "loss"), getattr(module, "MODE", "min")
     if mode not in ("min", "max"):
-        raise DataError(f"TASK {spec}: MODE must be 'min' or 'max', got {mode!r}")
+        raise UsageError(f"TASK {spec}: MODE must be 'min' or 'max', got {mode!r}")
     return SimpleNamespace(
         name=spec,
-        module=module,
         datasets=module.datasets,
         model=module.model,
         optimizer=module.optimizer,
@@ -72,7 +39,6 @@ def load(spec, root):
         summarize=getattr(module, "summarize", means),
         monitor=monitor,
         better=(lambda new, old: new < old) if mode == "min" else (lambda new, old: new > old),
-        worst=math.inf if mode == "min" else -math.inf,
     )
 
 
@@ -81,7 +47,7 @@ def _import(spec, root):
         return _guarded(spec, importlib.import_module, spec)
     path = (root / spec).resolve()
     if not path.is_file():
-        raise DataError(f"TASK {spec}: no such file (a path relative to {root})")
+        raise UsageError(f"TASK {spec}: no such file (a path relative to {root})")
     try:
         # Inside the project: imported by its module name, so that DataLoader workers started
         # with spawn can unpickle the task's classes.
@@ -103,7 +69,7 @@ def _guarded(spec, load_it, what):
     try:
         return load_it(what)
     except Exception as err:
-        if int(os.environ.get("RANK", 0)) != 0:
-            raise DataError("") from None
+        if env_rank() > 0:
+            raise UsageError("") from None
         traceback.print_exc()
-        raise DataError(f"TASK {spec} does not import: {err}") from None
+        raise UsageError(f"TASK {spec} does not import: {err}") from None

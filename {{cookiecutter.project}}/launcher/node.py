@@ -1,10 +1,10 @@
-"""Start one node of the job: import torch, wait for the rendezvous service, run torchrun.
+"""One node of the job: wait for the rendezvous service, then run torchrun with the patches.
 
-Every engine starts a training node with `python docker/launch.py`: Compose (the image's
-command), Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. The nodes are alike:
-the rendezvous store runs apart (docker/rendezvous.py), and rank 0 is whichever node a round
-makes it. Settings come from the environment, their defaults from .env (KNOBS).
-docs/how-a-node-starts.md says why each step; docker/elastic_patches.py holds the changes to torch.
+Every engine starts a training node with `python -m launcher` (this module's `run`): Compose
+(the image's command), Kubernetes, Slurm, Swarm, `make up-node` and `make train-local`. The
+nodes are alike: the rendezvous store runs apart (launcher/rendezvous.py), and rank 0 is
+whichever node a round makes it. docs/how-a-node-starts.md says why each step;
+launcher/patches.py holds the changes to torch.
 """
 
 import os
@@ -15,41 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-# The knobs (README's table). Their defaults are in the project's .env and nowhere else: every
-# engine passes them to its nodes (Compose's environment, the Kubernetes ConfigMap), and a node
-# started without them on the host (Slurm, `python docker/launch.py`) reads .env itself.
-KNOBS = (
-    "SCRIPT",
-    "ARGS",
-    "RDZV_PORT",
-    "NODES",
-    "MIN_NODES",
-    "MAX_NODES",
-    "NPROC_PER_NODE",
-    "MAX_RESTARTS",
-    "START_METHOD",
-    "DDP_BACKEND",
-    "WAIT_TIMEOUT",
-    "REJOIN_TIMEOUT",
-    "JOIN_TIMEOUT",
-    "LAST_CALL_TIMEOUT",
-    "RDZV_TIMEOUT",
-    "HEARTBEAT_INTERVAL",
-    "HEARTBEAT_MISSES",
-    "HEALTH_TIMEOUT",  # read by docker/healthcheck.sh
-)
-# What each engine sets for its own nodes; the defaults fit a one-node job on the host.
-ENGINE = {
-    "RDZV_ADDR": "127.0.0.1",  # the rendezvous service (docker/rendezvous.py)
-    "RDZV_HOST": "",  # 1: this node hosts the store itself (a one-node job on the host)
-    "RUN_ID": "ddp",
-    "NODE_MARKER": "",  # the image sets one: a file that outlives a container restart
-    "HEALTH_FILE": "",  # the image sets one: docker/healthcheck.sh reads its age
-    "LOG_DIR": "",
-    "LOCAL_ADDR": "",  # empty: this node's address on the way to the rendezvous service
-}
-ENV_FILE = Path(__file__).resolve().parents[1] / ".env"
-USAGE_ERROR = 2  # argparse's status, and train_dist.py's for data and folder errors
+from {{ cookiecutter.package }}.errors import USAGE_ERROR
+
+from .settings import Refused, error, setting
 
 
 def main():
@@ -154,7 +122,7 @@ def prepare_processes(script):
     if not os.environ.get("OMP_NUM_THREADS"):
         threads = cpu_limit() // processes()
         os.environ["OMP_NUM_THREADS"] = str(max(threads, 1))
-    # docker/elastic_patches.py says why.
+    # launcher/patches.py says why.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
 
@@ -216,19 +184,9 @@ def local_address():
         return socket.gethostname()
 
 
-def patches():
-    """docker/elastic_patches.py, loaded from its file: sys.path[0] is the script's folder."""
-    import importlib.util
-
-    if "elastic_patches" not in sys.modules:
-        path = Path(__file__).resolve().with_name("elastic_patches.py")
-        spec = importlib.util.spec_from_file_location("elastic_patches", path)
-        sys.modules["elastic_patches"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["elastic_patches"])
-    return sys.modules["elastic_patches"]
-
-
 def torchrun_arguments(script):
+    from .patches import BACKEND  # imports torch, as main() has by now
+
     rdzv_conf = (
         f"is_host={int(setting('RDZV_HOST') == '1')},join_timeout={setting('JOIN_TIMEOUT')},"
         f"last_call_timeout={setting('LAST_CALL_TIMEOUT')},read_timeout={setting('RDZV_TIMEOUT')},"
@@ -238,11 +196,11 @@ def torchrun_arguments(script):
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
     addr, port = rendezvous_endpoint()
     return [
-        # All NODES for the job's first round; once it has formed, docker/elastic_patches.py widens
+        # All NODES for the job's first round; once it has formed, launcher/patches.py widens
         # every node's sizes to MIN_NODES..MAX_NODES (docs/elastic.md).
         f"--nnodes={setting('NODES')}",
         f"--nproc-per-node={processes()}",
-        f"--rdzv-backend={patches().BACKEND}",
+        f"--rdzv-backend={BACKEND}",
         f"--rdzv-endpoint={addr}:{port}",
         f"--rdzv-id={setting('RUN_ID')}",
         f"--rdzv-conf={rdzv_conf}",
@@ -256,8 +214,7 @@ def torchrun_arguments(script):
 
 
 def run_torchrun(arguments):
-    """torchrun's main() with docker/elastic_patches.py's changes; returns the node's status."""
-    elastic = patches()
+    """torchrun's main() with launcher/patches.py's changes; returns the node's status."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import (
@@ -267,11 +224,13 @@ def run_torchrun(arguments):
     )
     from torch.distributed.run import main
 
-    warning = elastic.version_warning()
+    from . import patches
+
+    warning = patches.version_warning()
     if warning:
         print(warning, flush=True)
     sizes = int(setting("MIN_NODES")), int(setting("MAX_NODES"))
-    node = elastic.install(*sizes, int(setting("RDZV_TIMEOUT")))
+    node = patches.install(*sizes, int(setting("RDZV_TIMEOUT")))
     try:
         main(arguments)
         record_verdict(0)
@@ -288,7 +247,7 @@ def run_torchrun(arguments):
         # Stopped (docker stop, make down, make scale, an eviction): the ranks saved where they
         # stopped. The node leaves the rendezvous so that the others re-form at once.
         if node.handler and setting("RDZV_HOST") != "1":
-            elastic.leave(node.handler)
+            patches.leave(node.handler)
         print(f"torchrun: stopped by {stopped.sigval.name}", flush=True)
         return 128 + stopped.sigval
     except RendezvousClosedError:
@@ -369,37 +328,6 @@ def read_verdict(wait_s=5):
         return None
 
 
-def setting(name):
-    """A knob from the environment, else from .env; an engine's own setting, else its default."""
-    if name in ENGINE:
-        return os.environ.get(name) or ENGINE[name]
-    # Set but empty (ARGS= on the make command line, in an image with no .env) is a value too.
-    value = os.environ.get(name) or env_file().get(name, os.environ.get(name))
-    if value is None:
-        raise Refused(f"{name} is not set: pass it to every node, or run beside the project's .env")
-    return value
-
-
-def env_file():
-    """The project's .env (KEY=value lines), read once; empty where there is none (an image)."""
-    if not hasattr(env_file, "values"):
-        env_file.values = {}
-        if ENV_FILE.is_file():
-            for line in ENV_FILE.read_text().splitlines():
-                key, equals, value = line.partition("=")
-                if equals and not key.startswith("#"):
-                    env_file.values[key.strip()] = value.strip()
-    return env_file.values
-
-
-def error(message):
-    print(f"ERROR: {message}", file=sys.stderr, flush=True)
-
-
-class Refused(Exception):
-    """A setting that cannot work: the node exits with USAGE_ERROR and this message."""
-
-
 def copy_output_to(log_dir):
     """Everything this node prints also goes to LOG_DIR/node-<hostname>.log; returns the tee."""
     if not (log_dir and os.path.isdir(log_dir) and os.access(log_dir, os.W_OK)):
@@ -422,7 +350,8 @@ def end_copy(tee):
     tee.wait(timeout=10)
 
 
-if __name__ == "__main__":
+def run():
+    """The node from start to end, its output also in LOG_DIR; exits the process with its status."""
     tee = copy_output_to(setting("LOG_DIR"))
     try:
         status = main()

@@ -1,6 +1,7 @@
 """The task: what this project trains. It is the one file a fork edits (or replaces: TASK in .env
-names the file, and examples/ holds others); train_dist.py and the rest of the package take care
-of the ranks, the data each one trains, checkpoints, stops and restarts.
+names the file, and examples/ holds others); train_dist.py and the machinery in
+{{ cookiecutter.package }}/ take care of the ranks, the data each one trains, checkpoints, stops
+and restarts.
 
 What train_dist.py calls, on every rank:
 
@@ -8,8 +9,9 @@ What train_dist.py calls, on every rank:
                                      Map-style so that every sample is trained once per epoch,
                                      whatever the stops and world sizes: the loop deals indices.
     model(args) -> nn.Module         built on the CPU; the loop moves it and wraps it in DDP.
-    optimizer(model, args)           the optimizer, with its parameter groups (tasks.param_groups
-                                     applies --weight-decay to weights, not biases and norms).
+    optimizer(model, args)           the optimizer, with its parameter groups (param_groups, from
+                                     task_helpers, applies --weight-decay to weights, not biases
+                                     and norms).
                                      The loop sets the groups' learning rate at every step
                                      (--schedule, --warmup-ratio), from the one they start with.
     step(model, batch) -> (loss, sums)
@@ -41,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from {{ cookiecutter.package }}.data import DataError, readable_dir
-from {{ cookiecutter.package }}.tasks import param_groups, positive
+from {{ cookiecutter.package }}.errors import UsageError
+from {{ cookiecutter.package }}.folders import readable_dir
+from {{ cookiecutter.package }}.task_helpers import param_groups, positive
 
 IMAGE_SIZE = 32
 MONITOR, MODE = "accuracy", "max"
@@ -70,7 +73,7 @@ def datasets(args):
     if val_dir.is_dir():
         val = datasets.ImageFolder(readable_dir(val_dir), transform=transform)
         if val.classes != train.classes:
-            raise DataError(f"{val_dir} has classes {val.classes}, {train_dir} {train.classes}")
+            raise UsageError(f"{val_dir} has classes {val.classes}, {train_dir} {train.classes}")
         return train, val
     return held_out(train, args.seed)
 

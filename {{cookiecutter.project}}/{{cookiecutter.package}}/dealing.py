@@ -112,6 +112,20 @@ class EpochBatches:
         first = steps - steps % group
         return sum(self.step_samples(s) for s in range(first, min(first + group, len(self))))
 
+    def weight(self, steps, samples, group):
+        """The loss weight of the batch after `steps` steps of this start, holding `samples`
+        real samples, in an optimizer step of `group` batches. DDP averages the ranks'
+        gradients: weighing each rank's mean by its share of the step's samples makes a short
+        step count every sample once, as one process would (and a rank that got only padding
+        count for nothing)."""
+        return samples * self.world_size / self.group_samples(steps, group)
+
+    def seed_step(self, steps):
+        """Seed the generators for the batch after `steps` steps of this start (dropout): from
+        the seed, this rank and the samples trained, so a resume draws what a run without a
+        stop drew."""
+        seed_all(self.seed, self.rank, self.trained(steps))
+
     def trained(self, steps):
         """Samples of the job trained after `steps` steps of this start (all earlier epochs'
         included)."""
@@ -158,6 +172,16 @@ def make_loader(
         pin_memory=pin,
     )
     return loader, batches
+
+
+def make_loaders(train, val, ranks, *, batch_size, seed, **shape):
+    """(loader, batches, val_loader or None) for a task's datasets on this rank
+    (distributed.Ranks); `shape`: make_loader's workers, collate and pin."""
+    rank, world_size = ranks.rank, ranks.world_size
+    loader, batches = make_loader(train, batch_size, rank, world_size, seed, **shape)
+    if val is None or not len(val):
+        return loader, batches, None
+    return loader, batches, val_loader(val, batch_size, rank, world_size, **shape)
 
 
 def val_loader(

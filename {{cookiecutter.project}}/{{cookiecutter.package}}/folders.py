@@ -1,13 +1,9 @@
-"""The folders a job reads and writes, and the error that ends a job a restart cannot fix."""
+"""The folders a job reads and writes, refused with a message when they cannot be used."""
 
 import os
 from pathlib import Path
 
-
-class DataError(Exception):
-    """Something a restart cannot fix (a folder that cannot be used, a task that does not
-    import, a checkpoint that cannot be read): every rank exits with status 2; the message,
-    printed by the rank that found it, says why."""
+from {{ cookiecutter.package }}.errors import UsageError
 
 
 def writable_dir(path) -> Path:
@@ -17,9 +13,9 @@ def writable_dir(path) -> Path:
     except PermissionError:
         pass
     except FileExistsError:
-        raise DataError(f"{path} is a file, not a folder") from None
+        raise UsageError(f"{path} is a file, not a folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise DataError(
+        raise UsageError(
             f"{path} is not writable by uid {os.getuid()}: "
             "on the host, chown the folder to the container's APP_UID (make dirs does)"
         )
@@ -30,10 +26,10 @@ def readable_dir(path) -> Path:
     """Refuse a data folder that is missing or that this user cannot read, with a message."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data directory {path} does not exist")
+        raise UsageError(f"data directory {path} does not exist")
     if not path.is_dir():
-        raise DataError(f"data directory {path} is not a directory")
+        raise UsageError(f"data directory {path} is not a directory")
     # Directory scans (pathlib, ImageFolder) skip folders they cannot read without a word.
     if not os.access(path, os.R_OK | os.X_OK):
-        raise DataError(f"data directory {path} is not readable by uid {os.getuid()}")
+        raise UsageError(f"data directory {path} is not readable by uid {os.getuid()}")
     return path

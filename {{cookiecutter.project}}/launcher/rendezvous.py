@@ -5,7 +5,7 @@ training node may die, rank 0's included, and the job goes on. It ends by itself
 has: when the rendezvous is closed (the job finished or failed), or when no node has sent a
 heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node stops with one
 line and the next start resumes from the last checkpoint (docs/what-happens-when.md).
-usage: python docker/rendezvous.py   (settings from the environment, else .env, as docker/launch.py)
+usage: python -m launcher.rendezvous   (settings from the environment, else .env, as every node)
 """
 
 import os
@@ -14,12 +14,12 @@ import sys
 import time
 from datetime import timedelta
 
-from launch import setting  # RDZV_PORT and RUN_ID as every node reads them
+from .settings import setting  # RDZV_PORT and RUN_ID as every node reads them
 
 # Seconds with no node's heartbeat after which the service ends (a test sets less).
 IDLE_TIMEOUT = "120"
 # Long enough for nodes still on their way in to read that the rendezvous is closed, and the
-# job's status that the node which ended it records (docker/launch.py, `read_verdict`).
+# job's status that the node which ended it records (launcher/node.py, `read_verdict`).
 CLOSED_GRACE_S = 10
 # After a stop (make down), the most it waits for the nodes, stopped at the same time, to leave:
 # gone first, it would make them report a lost service instead of a stop. Below Compose's
@@ -34,8 +34,7 @@ def main():
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from elastic_patches import live_nodes as live
+    from .patches import live_nodes as live
 
     port, run_id = int(setting("RDZV_PORT")), setting("RUN_ID")
     idle = int(os.environ.get("IDLE_TIMEOUT") or IDLE_TIMEOUT)

@@ -1,29 +1,36 @@
-"""The torch behaviour each patch of docker/elastic_patches.py relies on, checked against the
-installed torch: a torch that changes it fails here, not in a job. The patches' effects on whole
-jobs are in tests/test_launch.py and tests/test_elastic.py (named in each test below)."""
+"""The torch behaviour each patch of launcher/patches.py relies on, checked against the
+installed torch, each patch alone: a torch that changes it fails here, not in a job. The
+patches' effects on whole jobs are in tests/test_launch.py and tests/test_elastic.py (named in
+each test below)."""
 
-import importlib.util
 import os
-import sys
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 from nodes import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from launcher import patches as patches_module
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def patches():
-    spec = importlib.util.spec_from_file_location(
-        "elastic_patches", ROOT / "docker" / "elastic_patches.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["elastic_patches"] = module
-    spec.loader.exec_module(module)
-    return module
+    """launcher/patches.py; torch's own functions back in place after the test."""
+    yield patches_module
+    for where, name, _ in patches_module.PATCHES:
+        setattr(where, name, patches_module.ORIGINAL[patches_module.torch_name(where, name)])
+
+
+def test_the_table_names_each_patch_once_and_keeps_torchs_own_by_that_name(patches):
+    names = [patches.torch_name(where, name) for where, name, _ in patches.PATCHES]
+    assert len(set(names)) == len(names) == len(patches.ORIGINAL)
+    for (where, name, patch), torch_name in zip(patches.PATCHES, names, strict=True):
+        assert patches.ORIGINAL[torch_name] is not patch and callable(patch)
+        patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30, only=[patch.__name__])
+        for other_where, other_name, other in patches.PATCHES:  # this one alone is installed
+            own = patches.ORIGINAL[patches.torch_name(other_where, other_name)]
+            assert getattr(other_where, other_name) is (patch if other is patch else own)
+        setattr(where, name, patches.ORIGINAL[torch_name])
 
 
 def test_the_pinned_torch_is_the_one_tested_and_another_is_named(patches):
@@ -56,10 +63,10 @@ def test_a_node_started_with_the_jobs_first_size_waits_for_the_next_round(patche
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
 
     deadline = 1e12  # far away: the op compares it with time.monotonic()
-    original = patches.ORIGINAL[3]
+    original = patches.ORIGINAL["_RendezvousJoinOp.__call__"]
     ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=2, max_nodes=2)
     assert original(rdzv._RendezvousJoinOp(), ctx, deadline) == rdzv._Action.ADD_TO_REDUNDANCY_LIST
-    patches.install(min_nodes=1, max_nodes=3, rdzv_timeout=30)
+    patches.install(min_nodes=1, max_nodes=3, rdzv_timeout=30, only=["join_at_the_jobs_sizes"])
     ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=2, max_nodes=2)
     assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.ADD_TO_WAIT_LIST
     assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (1, 3)
@@ -108,7 +115,8 @@ def test_torchs_process_count_exchange_uses_only_the_calls_polled_store_has(patc
     spec = WorkerSpec("default", 2, rdzv_handler=None, entrypoint="train.py")
     store = RecordingStore()
     polled = patches.PolledStore(store, 5, lambda: False)
-    workers = patches.ORIGINAL[2](LocalElasticAgent.__new__(LocalElasticAgent), polled, 0, 1, spec)
+    assign = patches.ORIGINAL["LocalElasticAgent._assign_worker_ranks"]
+    workers = assign(LocalElasticAgent.__new__(LocalElasticAgent), polled, 0, 1, spec)
     assert [w.global_rank for w in workers] == [0, 1] and workers[0].world_size == 2
     assert set(store.calls) <= {"set", "multi_set", "get", "multi_get"} and store.calls
 
@@ -137,7 +145,7 @@ def test_the_c10d_entry_makes_torchs_handler_and_remembers_it(patches):
         assert handler.get_backend() == "c10d"
         handler.next_rendezvous()
         assert len(node.members) == 1 and not node.a_member_is_gone()
-        assert patches.live_nodes(handler) == node.members  # what docker/rendezvous.py reads
+        assert patches.live_nodes(handler) == node.members  # what the rendezvous service reads
         patches.leave(handler)  # what a stopped node runs: it is no member any more
         assert not patches.participants(handler) and node.a_member_is_gone()
     finally:
@@ -166,7 +174,7 @@ def test_torch_polls_a_waiting_round_through_delay_of_one_second(patches, monkey
     executor = rdzv._DistributedRendezvousOpExecutor(ctx.node, StateHolder(), ctx.settings)
     executor.run(lambda *_: next(actions), deadline=1e12)
     assert delays == [1, 1]
-    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)  # wraps torch's own _delay
+    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30, only=["poll_faster"])
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)  # torch's _delay sleeps with time.sleep
     rdzv._delay(1)
@@ -182,8 +190,8 @@ def test_a_heartbeat_is_due_on_every_tick_not_every_other(patches):
     ctx = context(rdzv, participants=1, round_=1, complete=True, min_nodes=1, max_nodes=2)
     tick = ctx.settings.keep_alive_interval
     ctx.state.last_heartbeats[ctx.node] = datetime.now().astimezone() - tick * 0.9
-    assert patches.ORIGINAL[5](ctx) is False  # torch: this tick writes nothing
-    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30)
+    assert patches.ORIGINAL["dynamic_rendezvous._should_keep_alive"](ctx) is False  # torch's
+    patches.install(min_nodes=1, max_nodes=2, rdzv_timeout=30, only=["keep_alive_due"])
     assert rdzv._should_keep_alive(ctx) is True
     ctx.state.last_heartbeats[ctx.node] = datetime.now().astimezone()
     assert rdzv._should_keep_alive(ctx) is False  # just written: not due

@@ -1,0 +1,297 @@
+"""Every change the launcher makes to torch's elastic agent and c10d rendezvous, in one place:
+the only module of the project that touches torch's private API.
+
+torch is pinned (TESTED_TORCH). Each patch is a module-level function that says the torch
+behaviour it changes, why, and the upstream issue; PATCHES is the table that install() applies,
+by name, and ORIGINAL keeps torch's own functions by the same names. tests/test_patches.py
+checks, against the installed torch, the behaviour each one relies on, each patch alone, so a
+new torch that changes it fails there first.
+
+Public mechanisms that replaced patches (launcher/node.py sets them):
+- TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each round's rank 0 publishes its own address for the
+  ranks' store. With the shared store, torch caches the first round's address on the other nodes
+  and rank 0 may now be any node: after it died they dialed a dead address.
+- torch's rendezvous handler registry: its "c10d" entry makes torch's own c10d handler and
+  remembers it here (for `leave`), instead of a patched `next_rendezvous` on every handler.
+- torch's own `shutdown` on every node: no node hosts the store any more, so no node has to keep
+  the rendezvous open when its agent ends (a patched `shutdown` on workers, before).
+Measured and kept as patches: TORCH_ELASTIC_WORKER_IDENTICAL=1 would replace the process-count
+exchange (`PolledStore`), but then the ranks of a round that lost a node as it formed wait for
+its ranks in `init_process_group` until `--timeout` (120 s) instead of the 3 s that the dropped
+heartbeats take; `--nnodes=MIN:MAX` on every node would replace `join_at_the_jobs_sizes`, but
+then the job's first round forms with MIN_NODES after a last call instead of waiting for all
+NODES. Tried and dropped: completing a re-forming round as soon as every node with a live
+heartbeat had joined it (no last call). torch removes a node's heartbeat as it leaves a round
+to join the next, so for a moment a node on its way back looks gone: in a 240 s chaos run a
+stop on 4 nodes formed a round of 1, then one of 3. The last call (LAST_CALL_TIMEOUT, 1 s, five
+of `poll_faster`'s polls) stays.
+"""
+
+import functools
+import logging
+import time
+from datetime import datetime, timedelta
+
+import torch
+from torch.distributed import DistStoreError
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+
+from {{ cookiecutter.package }}.errors import PEER_STOPPED, USAGE_ERROR
+
+TESTED_TORCH = "2.14.1"
+BACKEND = "c10d"
+# How often a node waiting for a round reads the shared state (torch: 1 s).
+POLL_S = 0.2
+
+
+def version_warning(version=torch.__version__):
+    """A line to print when torch is not the version these patches were tested with, else None."""
+    if version.split("+")[0] == TESTED_TORCH:
+        return None
+    return (
+        f"WARNING: torch {version}: launcher/patches.py was tested with torch {TESTED_TORCH};"
+        " run `pytest tests/test_patches.py` before trusting elastic runs on this one"
+    )
+
+
+class Node:
+    """What the patches share in this process: the job's sizes, this node's rendezvous handler,
+    and the members of the last round it joined."""
+
+    def __init__(self, min_nodes=1, max_nodes=1, rdzv_timeout=60):
+        self.min_nodes, self.max_nodes, self.rdzv_timeout = min_nodes, max_nodes, rdzv_timeout
+        self.handler, self.members = None, set()
+
+    def a_member_is_gone(self):
+        return not self.members <= set(participants(self.handler))
+
+
+NODE = Node()
+
+
+def participants(handler):
+    """The nodes of the handler's current round, as torch's state holder last synced them."""
+    return handler._state_holder.state.participants
+
+
+def live_nodes(handler):
+    """Nodes whose heartbeats have not timed out, after a sync (which drops the others)."""
+    handler._state_holder.sync()
+    return set(handler._state_holder.state.last_heartbeats)
+
+
+# The patches, in the order of a node's life: its handler, its rounds, its processes.
+
+
+def remembered_c10d_handler(params):
+    """torch's rendezvous handler registry entry for "c10d" (register() refuses a second creator
+    for a name): torch's own handler, remembered in NODE for `leave` and the patches below, with
+    its two methods that learn of the rounds wrapped."""
+    backend, store = create_backend(params)
+    handler = rdzv.create_handler(store, backend, params)
+    handler.next_rendezvous = functools.partial(remember_members, handler, handler.next_rendezvous)
+    handler.num_nodes_waiting = functools.partial(
+        num_nodes_waiting_or_dropped, handler, handler.num_nodes_waiting
+    )
+    NODE.handler = handler
+    return handler
+
+
+def remember_members(handler, next_rendezvous):
+    """The members of each round this node joins: the patches below compare them with the
+    round's current state to see that a member is gone."""
+    info = next_rendezvous()
+    NODE.members = set(participants(handler))
+    return info
+
+
+def num_nodes_waiting_or_dropped(handler, num_nodes_waiting):
+    """torch's agent never checks that its node is still in the round it trains in: a node the
+    others dropped (heartbeats late: a stall, a paused VM) trained on alone while they formed a
+    round without it, two groups writing the same checkpoints (seen in a bench run with 2 s
+    heartbeats). Changed: such a node counts as one waiting, so its agent stops its ranks and
+    rejoins, as for a node that joins."""
+    waiting = num_nodes_waiting()
+    if NODE.members and handler._this_node not in participants(handler):
+        print("torchrun: this node was dropped from its round: rejoining", flush=True)
+        return max(waiting, 1)
+    return waiting
+
+
+def join_at_the_jobs_sizes(op, context, deadline):
+    """torch applies each node's own --nnodes to the shared rendezvous state, so nodes started
+    with different sizes disagree on when a round is complete (no upstream fix; the docs ask for
+    equal --nnodes). Changed: once the job's first round has formed, every node joins with
+    MIN_NODES..MAX_NODES, whatever NODES it was started with (a `make scale` node, a
+    replacement): else a node could clear the last call the others waited for, or wait in
+    torch's redundancy list and never be taken in."""
+    state = context.state
+    if state.complete or state.round > 0:
+        settings = context.settings  # frozen; shared with the handler and its heartbeats
+        object.__setattr__(settings, "min_nodes", min(NODE.min_nodes, NODE.max_nodes))
+        object.__setattr__(settings, "max_nodes", NODE.max_nodes)
+    return ORIGINAL["_RendezvousJoinOp.__call__"](op, context, deadline)
+
+
+def poll_faster(seconds):
+    """torch's rendezvous polls the shared state once a second while a node waits for a round
+    (`_delay(seconds=1)` on SYNC), which adds up to a second when a dead node's heartbeats time
+    out and again before every node sees the round complete. Changed: the waits poll every
+    POLL_S; the other delays stay."""
+    ORIGINAL["dynamic_rendezvous._delay"](POLL_S if seconds == 1 else seconds)
+
+
+def keep_alive_due(context):
+    """torch writes a heartbeat only once the last one is keep_alive_interval old, and its timer
+    ticks every keep_alive_interval: a tick that comes a moment early skips its write, so a live
+    node's heartbeat is up to two intervals old, and a timeout of two intervals drops live nodes
+    (seen with HEARTBEAT_MISSES=2). Changed: a heartbeat is due at half an interval, so every
+    tick writes one."""
+    last = context.state.last_heartbeats.get(context.node)
+    if last is None:
+        return False
+    # Aware, in local time: torch's heartbeats are aware (UTC) and compare with it.
+    return last <= datetime.now().astimezone() - context.settings.keep_alive_interval / 2
+
+
+def rendezvous_again_if_a_member_is_gone(agent, worker_group):
+    """A node that died between a round and its writes left the others' agents ending on
+    DistStoreError, and the job with them (pytorch/pytorch#67742 for the family). Changed:
+    another round is formed, counted as a restart."""
+    while True:
+        try:
+            return ORIGINAL["LocalElasticAgent._rendezvous"](agent, worker_group)
+        except DistStoreError:
+            if agent._remaining_restarts <= 0:
+                raise
+            agent._remaining_restarts -= 1
+            print("torchrun: a node of the new round is gone: forming another", flush=True)
+
+
+def assign_ranks_between_heartbeats(agent, store, *rest):
+    """torch's exchange of process counts after each round blocks on the store connection that
+    also carries the node's heartbeats (NVIDIA/nvidia-resiliency-ext#263 hit the same wait).
+    Changed: the waits are short polls, and end once the heartbeats have dropped a member of the
+    round: its key will never come."""
+    polled = PolledStore(store, NODE.rdzv_timeout, NODE.a_member_is_gone)
+    return ORIGINAL["LocalElasticAgent._assign_worker_ranks"](agent, polled, *rest)
+
+
+def monitor_with_exit_codes(agent, worker_group):
+    """torch restarts the workers after any failure, up to --max-restarts, and counts every
+    restart (pytorch/pytorch#60910, #108158). Changed: a usage or data error (status 2) is not
+    restarted, since it would fail the same way; ranks that stopped because a peer left
+    (PEER_STOPPED) are a membership change, which torch does not count when a node joins
+    either."""
+    result = ORIGINAL["LocalElasticAgent._monitor_workers"](agent, worker_group)
+    codes = {f.exitcode for f in result.failures.values()} if result.is_failed() else set()
+    if USAGE_ERROR in codes:
+        agent._remaining_restarts = 0
+    elif codes == {PEER_STOPPED}:
+        agent._remaining_restarts += 1
+        print("torchrun: a node left or joins: the job re-forms, no restart counted", flush=True)
+    return result
+
+
+# (where, torch's name, the patch): install() sets each; ORIGINAL keeps torch's own by that name.
+PATCHES = (
+    (rdzv, "_should_keep_alive", keep_alive_due),
+    (rdzv, "_delay", poll_faster),
+    (rdzv._RendezvousJoinOp, "__call__", join_at_the_jobs_sizes),
+    (LocalElasticAgent, "_rendezvous", rendezvous_again_if_a_member_is_gone),
+    (LocalElasticAgent, "_assign_worker_ranks", assign_ranks_between_heartbeats),
+    (LocalElasticAgent, "_monitor_workers", monitor_with_exit_codes),
+)
+
+
+def torch_name(where, name):
+    """`LocalElasticAgent._rendezvous`, `dynamic_rendezvous._delay`: a module by its last part."""
+    return f"{where.__name__.rsplit('.', 1)[-1]}.{name}"
+
+
+# Kept at import, before any install(): a second install() (the tests) wraps torch's own.
+ORIGINAL = {torch_name(where, name): getattr(where, name) for where, name, _ in PATCHES}
+
+
+def install(min_nodes, max_nodes, rdzv_timeout, only=None):
+    """Apply the patches (`only`: those whose function names are listed) to this process's
+    torch, with the job's sizes; returns the Node they share."""
+    global NODE
+    NODE = Node(min_nodes, max_nodes, rdzv_timeout)
+    rendezvous_handler_registry._registry[BACKEND] = remembered_c10d_handler
+    for where, name, patch in PATCHES:
+        if only is None or patch.__name__ in only:
+            setattr(where, name, patch)
+    quiet_torch_logs()
+    return NODE
+
+
+def leave(handler):
+    """torch does not take a node that is stopped (SIGTERM) out of the rendezvous: the others
+    wait until its heartbeats time out (pytorch/pytorch#67742). This runs the exit step a node
+    runs before it joins a new round, so the others re-form at once."""
+    handler._stop_heartbeats()
+    try:
+        with handler._heartbeat_lock:
+            # Short: a rendezvous service that is stopping too (make down) must not hold it up.
+            deadline = handler._get_deadline(timedelta(seconds=5))
+            handler._op_executor.run(rdzv._RendezvousExitOp(), deadline)
+        print("left the rendezvous", flush=True)
+    except Exception as failure:  # the service may be gone already: its heartbeats time out
+        name = type(failure).__name__
+        print(f"could not leave the rendezvous ({name}): the others drop it later", flush=True)
+
+
+class PolledStore:
+    """The round's store for torch's exchange of process counts (`_assign_worker_ranks` calls
+    set, multi_set, get and multi_get), waiting for keys in short polls."""
+
+    def __init__(self, store, timeout_s, a_member_is_gone):
+        self.store, self.timeout_s, self.a_member_is_gone = store, timeout_s, a_member_is_gone
+
+    def set(self, key, value):
+        self.store.set(key, value)
+
+    def multi_set(self, keys, values):
+        self.store.multi_set(keys, values)
+
+    def get(self, key):
+        self.wait([key])
+        return self.store.get(key)
+
+    def multi_get(self, keys):
+        self.wait(keys)
+        return self.store.multi_get(keys)
+
+    def wait(self, keys):
+        deadline = time.monotonic() + self.timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline or self.a_member_is_gone():
+                raise DistStoreError(f"a node of the round never wrote one of {keys}")
+            time.sleep(0.05)
+
+
+class WithoutTraceback(logging.Filter):
+    """torchrun logs a failed process with its own traceback, which says nothing about the
+    script, and a lost rendezvous service once per heartbeat: the launcher says each in one line.
+    """
+
+    def filter(self, record):
+        record.exc_info = record.exc_text = None
+        message = record.getMessage()
+        # Not a failure: the monitor patch says what it is.
+        return f"(exitcode: {PEER_STOPPED})" not in message and "RendezvousConnectionError" not in (
+            message
+        )
+
+
+def quiet_torch_logs():
+    for name in (
+        "torch.distributed.elastic.multiprocessing.api",
+        "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
+        "torch.distributed.elastic.agent.server.api",
+    ):
+        logging.getLogger(name).addFilter(WithoutTraceback())
