@@ -28,7 +28,7 @@ from {{ cookiecutter.package }}.dealing import make_loaders, seed_all
 from {{ cookiecutter.package }}.errors import USAGE_ERROR, UsageError
 from {{ cookiecutter.package }}.flags import ROOT, parse_args, task_name
 from {{ cookiecutter.package }}.folders import readable_dir, writable_dir
-from {{ cookiecutter.package }}.health import beating, resting
+from {{ cookiecutter.package }}.health import resting
 from {{ cookiecutter.package }}.logs import log_gpu_memory, progress, setup_logging
 from {{ cookiecutter.package }}.metrics import MetricsLog, Sums, describe, epoch_metrics
 from {{ cookiecutter.package }}.sample_log import SampleLog
@@ -48,8 +48,7 @@ def train(args, task, stop):
     loader, batches, val = load_data(args, task, ranks)
     model, net, stepper, resumed = load_model(args, task, ranks, batches.size)
 
-    # loop: an epoch at a time, validated and saved; a stop asked of any rank ends every rank at
-    # the same step. Saves and validation inside an epoch count optimizer steps.
+    # loop: an epoch at a time, validated and saved; a stop on any rank ends all at one step
     saver = checkpoint.Saver(
         args.checkpoint_dir,
         keep=args.keep,
@@ -68,8 +67,8 @@ def train(args, task, stop):
             batches.set_epoch(epoch, resumed.samples if epoch == resumed.epoch else 0)
             records.start(epoch, batches.size)
             started, sums, steps = time.perf_counter(), Sums(ranks.device), 0
-            shown = beating(progress(loader, batches, epoch, args.epochs, every=args.progress_every))
-            for steps, ids in stepper.train(net, shown, batches, task=task, stop=stop, sums=sums):
+            shown = progress(loader, batches, epoch, args.epochs, every=args.progress_every)
+            for steps, ids in stepper.train(net, shown, batches, task, stop=stop, sums=sums):
                 records.add(ids)
                 saver.midway(steps)
                 if validator.due(steps):

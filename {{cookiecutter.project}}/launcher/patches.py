@@ -1,5 +1,6 @@
 """Every change the launcher makes to torch's elastic agent and c10d rendezvous, in one place:
-the only module of the project that touches torch's private API.
+the one module that reaches into torch's private API (the training package imports one private
+module early, `torch.distributed._shard`, for the reason given in distributed.py).
 
 torch is pinned (TESTED_TORCH). Each patch is a module-level function that says the torch
 behaviour it changes, why, and the upstream issue; PATCHES is the table that install() applies,

@@ -8,6 +8,8 @@ from contextlib import nullcontext
 
 import torch
 
+from {{ cookiecutter.package }}.health import beating
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("constant", "cosine")
 
@@ -73,14 +75,14 @@ class Stepper:
             total=total,
         )
 
-    def train(self, net, loader, batches, *, task, stop, sums):
+    def train(self, net, loader, batches, task, *, stop, sums):
         """Train the rest of an epoch in optimizer steps of `accum_steps` batches, adding each
-        batch to `sums`; yields (batches done, the step's sample ids) after each optimizer step.
-        Ends early once a stop is agreed (stop.stopped), always between two optimizer steps, so
-        that a checkpoint never holds half a step's gradients."""
+        batch to `sums` (and beating: health.py); yields (batches done, the step's sample ids)
+        after each optimizer step. Ends early once a stop is agreed (stop.stopped), always
+        between two optimizer steps, so that a checkpoint never holds half a step's gradients."""
         net.train()
         done, ids_of_step = 0, []
-        for batch, ids in loader:
+        for batch, ids in beating(loader):
             if done % self.accum_steps == 0 and stop.agreed():
                 return
             batches.seed_step(done)

@@ -12,7 +12,8 @@ from {{ cookiecutter.package }}.steps import to_device
 
 class Validator:
     """Validation of `model` on `loader` (None: the task has no validation set, and every pass
-    is empty); `every`: batches between passes inside an epoch (0: at epoch ends only)."""
+    is empty); `every`: batches between passes inside an epoch (0: at epoch ends only), a
+    multiple of --accum-steps so that a pass lands between two optimizer steps."""
 
     def __init__(self, model, loader, task, stepper, every):
         self.model, self.loader, self.task, self.stepper = model, loader, task, stepper
