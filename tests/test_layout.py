@@ -54,9 +54,8 @@ def test_the_launcher_is_a_package_every_engine_runs_and_docker_holds_no_python(
     makefile = (root / "Makefile").read_text()
     assert "$(PYTHON) -m launcher" in makefile and "docker/launch" not in makefile
     sbatch = (root / "slurm" / "train.sbatch").read_text()
-    assert "python -m launcher.rendezvous &" in sbatch and sbatch.rstrip().endswith(
-        "python -m launcher"
-    )
+    assert "python -m launcher.rendezvous &" in sbatch
+    assert "exec python -m launcher' || status=$?" in sbatch
     # Ordinary imports: no file loaded by path, no sys.path edits to reach a sibling.
     for path in python_files(root, "launcher"):
         text = path.read_text()

@@ -36,6 +36,7 @@ This default: a small CNN on images, from data/train (and data/val) in ImageFold
 runs with no download.
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -46,6 +47,8 @@ from torch.utils.data import Subset, TensorDataset
 from {{ cookiecutter.package }}.errors import UsageError
 from {{ cookiecutter.package }}.folders import readable_dir
 from {{ cookiecutter.package }}.task_helpers import param_groups, positive
+
+log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 MONITOR, MODE = "accuracy", "max"
@@ -60,6 +63,8 @@ def add_arguments(parser):
 def datasets(args):
     train_dir, val_dir = Path(args.data_dir) / "train", Path(args.data_dir) / "val"
     if not train_dir.is_dir():
+        # Said on every engine: a data folder that was not mounted must not pass unnoticed.
+        log.info("no %s: training on %d synthetic images (--samples)", train_dir, args.samples)
         return synthetic(args.samples, seed=args.seed), synthetic(
             max(args.samples // 8, 1), seed=args.seed, split=1
         )

@@ -8,9 +8,10 @@ MASTER_ADDR and MASTER_PORT in the environment):
 
 Every rank trains its share of each epoch's samples, every sample once whatever the stops and
 world sizes; each epoch ends with a validation pass over every validation sample once. Rank 0
-logs, writes a checkpoint after every epoch (and best.pt when validation improves) and resumes
-from the newest one on start. On SIGTERM or SIGINT (docker stop, Ctrl-C) every rank stops at the
-same step and rank 0 saves where it stopped, so the next start loses nothing.
+logs; a checkpoint is written after every epoch (and best.pt when validation improves) in every
+machine's checkpoint folder, and a start resumes from the newest one any machine holds. On
+SIGTERM or SIGINT (docker stop, Ctrl-C) every rank stops at the same step and the checkpoint
+where it stopped is saved, so the next start loses nothing.
 """
 
 import logging
@@ -23,7 +24,7 @@ from contextlib import closing
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from {{ cookiecutter.package }} import checkpoint, distributed, task_loader
+from {{ cookiecutter.package }} import checkpoint, distributed, resuming, task_loader
 from {{ cookiecutter.package }}.dealing import make_loaders, seed_all
 from {{ cookiecutter.package }}.errors import USAGE_ERROR, UsageError
 from {{ cookiecutter.package }}.flags import ROOT, parse_args, task_name
@@ -46,7 +47,7 @@ def train(args, task, stop):
     ranks = distributed.join(args)
     master_process = ranks.rank == 0
     loader, batches, val = load_data(args, task, ranks)
-    model, net, stepper, resumed = load_model(args, task, ranks, batches.size)
+    model, net, stepper, resumed, folder = load_model(args, task, ranks, batches.size)
 
     # loop: an epoch at a time, validated and saved; a stop on any rank ends all at one step
     saver = checkpoint.Saver(
@@ -57,7 +58,8 @@ def train(args, task, stop):
         stepper=stepper,
         batches=batches,
         resumed=resumed,
-        enabled=master_process,
+        enabled=folder.writes,  # one rank per distinct checkpoint folder (resuming.py)
+        alone=folder.folders == 1,
     )
     validator = Validator(model, val, task, stepper, every=args.val_every_steps * args.accum_steps)
     best, metrics = f"val_{task.monitor}", resumed.metrics
@@ -103,8 +105,10 @@ def load_data(args, task, ranks):
     seed_all(args.seed)
     with distributed.fail_together():
         setup_logging(ranks.rank, args.log_dir)
-        if ranks.rank == 0:
-            writable_dir(args.checkpoint_dir)
+        try:
+            writable_dir(args.checkpoint_dir)  # any rank may write there (resuming.py)
+        except UsageError as err:  # said once a machine, by its first process
+            raise UsageError(str(err) if os.environ.get("LOCAL_RANK", "0") == "0" else "") from None
         readable_dir(args.data_dir)
         train_set, val_set = task.datasets(args)
     shape = dict(workers=args.workers, collate=task.collate, pin=ranks.device.type == "cuda")
@@ -118,19 +122,21 @@ def load_data(args, task, ranks):
 
 
 def load_model(args, task, ranks, train_size):
-    """(model, the module trained: DDP's and --compile's wrapping, its Stepper, Resumed): the
-    task's model and optimizer, from the newest checkpoint (rank 0 reads it and sends it)."""
+    """(model, the module trained: DDP's and --compile's wrapping, its Stepper, Resumed, and
+    which folder this rank writes): the task's model and optimizer, from the newest checkpoint
+    any node holds (resuming.py)."""
     seed_all(args.seed)
     model = task.model(args).to(ranks.device)
     cuda = ranks.device.type == "cuda"
     ddp_net = DDP(model, device_ids=[ranks.device] if cuda else None) if ranks.ddp else None
     optimizer, total = task.optimizer(model, args), args.epochs * train_size
     stepper = Stepper.from_args(args, optimizer, device=ranks.device, ddp=ddp_net, total=total)
-    resumed = checkpoint.resume(
+    resumed, folder = resuming.resume(
         args.checkpoint_dir,
         model,
         stepper,
         rank=ranks.rank,
+        keep=args.keep,
         seed=args.seed,
         size=train_size,
         samples_per_step=args.batch_size * ranks.world_size,
@@ -140,7 +146,7 @@ def load_model(args, task, ranks, train_size):
         if not cuda and not shutil.which(os.environ.get("CXX", "g++")):
             raise UsageError(NO_COMPILER if ranks.rank == 0 else "")
         net = torch.compile(net)
-    return model, net, stepper, resumed
+    return model, net, stepper, resumed, folder
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ Kubernetes' own schemas of a named release, strictly (kubernetes-validate, offli
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -162,17 +163,56 @@ def test_the_restart_marker_outlives_a_container_and_checkpoints_a_pod(manifests
         assert claim == f"{manifests[0].name}-checkpoints"
 
 
-def test_the_checkpoint_claim_is_a_knob(tmp_path):
+def test_both_jobs_mount_data_read_only_and_logs_each_from_a_claim(manifests):
+    name = manifests[0].name
+    for pod in pods(manifests):
+        container = pod["containers"][0]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        data, logs = mounts["/data"], mounts["/logs"]
+        assert data.get("readOnly") is True and not logs.get("readOnly")
+        assert volumes[data["name"]]["persistentVolumeClaim"] == {
+            "claimName": f"{name}-data",
+            "readOnly": True,
+        }
+        assert volumes[logs["name"]]["persistentVolumeClaim"]["claimName"] == f"{name}-logs"
+
+
+def test_the_claims_are_knobs(tmp_path):
     root = render(tmp_path, nodes=2)
-    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1", "CHECKPOINT_PVC=team-ckpt"], cwd=root)
-    job = yaml.safe_load((root / "build" / "k8s" / "pytorchjob.yaml").read_text())
-    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-    claims = [
-        v["persistentVolumeClaim"]["claimName"]
-        for v in pod["volumes"]
-        if "persistentVolumeClaim" in v
-    ]
-    assert claims == ["team-ckpt"]
+    claims = ["CHECKPOINT_PVC=team-ckpt", "DATA_PVC=team-data", "LOGS_PVC=team-logs"]
+    sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1", *claims], cwd=root)
+    for manifest in ("pytorchjob.yaml", "job.yaml"):
+        text = (root / "build" / "k8s" / manifest).read_text()
+        found = re.findall(r"claimName: (\S+)", text)
+        assert found == ["team-ckpt", "team-data", "team-logs"], manifest
+
+
+def test_each_rendering_is_a_job_with_a_run_id_nobody_can_guess(tmp_path, manifests):
+    root = manifests[0]
+    ids = []
+    for _ in range(2):
+        sh(["make", "k8s-manifests", "IMAGE=r.example.com/x:1"], cwd=root)
+        texts = [(root / "build" / "k8s" / m).read_text() for m in ("job.yaml", "rendezvous.yaml")]
+        found = {i for text in texts for i in re.findall(r"name: RUN_ID\n\s+value: (\S+)", text)}
+        assert len(found) == 1, found  # the rendezvous service and the nodes agree
+        ids.append(found.pop())
+    assert ids[0] != ids[1] and all(re.fullmatch(rf"{root.name}-[0-9a-f]{{32}}", i) for i in ids)
+
+
+def test_slurm_binds_the_folders_training_needs_and_keeps_a_marker_per_job_and_task(tmp_path):
+    sbatch = (render(tmp_path, nodes=2) / "slurm" / "train.sbatch").read_text()
+    mounts = re.search(r'^mounts="(.+)"$', sbatch, re.MULTILINE).group(1).split(",")
+    assert {m.split(":", 1)[1] for m in mounts} == {
+        "/app",
+        "/data:ro",
+        "/checkpoints",
+        "/logs",
+        "/cache",
+    }
+    assert '--bind "$mounts"' in sbatch and '--container-mounts="$mounts"' in sbatch
+    assert 'NODE_MARKER="/tmp/$SLURM_JOB_ID-$SLURM_PROCID.node-started"' in sbatch
+    assert 'RUN_ID="$SLURM_JOB_ID-$(od -An -N16 -tx1 /dev/urandom' in sbatch
 
 
 def test_every_pod_reads_the_knobs_from_the_settings_config_map(manifests):

@@ -8,6 +8,7 @@ usage: python k8s/render.py OUT_DIR     (make k8s-manifests IMAGE=registry/name:
 import json
 import os
 import re
+import secrets
 import sys
 from pathlib import Path
 from string import Template
@@ -40,12 +41,26 @@ def settings():
     values = {
         **env,
         "PROJECT": env["COMPOSE_PROJECT_NAME"],
+        # The job's secret, one per rendering (docs/security.md): whoever cannot read these
+        # manifests cannot guess it, so cannot join or steer the job through the rendezvous.
+        "RUN_ID": f"{env['COMPOSE_PROJECT_NAME']}-{secrets.token_hex(16)}",
         # The claim checkpoints are saved to (make k8s-manifests CHECKPOINT_PVC=name).
         "CHECKPOINT_PVC": os.environ.get("CHECKPOINT_PVC")
         or f"{env['COMPOSE_PROJECT_NAME']}-checkpoints",
+        # The task's data (mounted read-only) and the logs, each a claim of its own.
+        "DATA_PVC": os.environ.get("DATA_PVC") or f"{env['COMPOSE_PROJECT_NAME']}-data",
+        "LOGS_PVC": os.environ.get("LOGS_PVC") or f"{env['COMPOSE_PROJECT_NAME']}-logs",
         "MEMORY": quantity(env["MEMORY"]),
         "SHM_SIZE": quantity(env["SHM_SIZE"]),
     }
+    if int(env["NODES"]) > int(env["MAX_NODES"]):
+        # The manifests fix the pod count: more than MAX_NODES could only wait as spares.
+        print(
+            f"ERROR: NODES={env['NODES']} pods but MAX_NODES={env['MAX_NODES']}: lower NODES or"
+            " raise MAX_NODES",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if "GPUS" in env:  # a GPU render: each pod requests a number of GPUs
         count = next((v for v in (env["NPROC_PER_NODE"], env["GPUS"]) if v.isdigit()), None)
         if count is None:

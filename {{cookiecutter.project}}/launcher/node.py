@@ -88,7 +88,16 @@ def checked_script():
         raise Refused(f"START_METHOD must be fork or spawn, not '{method}'")
     if method == "fork" and setting("DDP_BACKEND") == "nccl":
         raise Refused("START_METHOD=fork cannot use CUDA (nccl): set START_METHOD=spawn")
+    low, high = setting("MIN_NODES"), setting("MAX_NODES")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise Refused(f"MIN_NODES ({low}) must be 1 to MAX_NODES ({high})")
     return script
+
+
+def first_round():
+    """The job's first round: all NODES, or MAX_NODES where more nodes were started (the rest
+    wait as spares, launcher/patches.py)."""
+    return min(int(setting("NODES")), int(setting("MAX_NODES")))
 
 
 def rendezvous_endpoint():
@@ -196,9 +205,9 @@ def torchrun_arguments(script):
     start = ["--start-method=fork", "--run-path"] if setting("START_METHOD") == "fork" else []
     addr, port = rendezvous_endpoint()
     return [
-        # All NODES for the job's first round; once it has formed, launcher/patches.py widens
+        # All NODES (up to MAX_NODES) for the job's first round; once it has formed, patches widens
         # every node's sizes to MIN_NODES..MAX_NODES (docs/elastic.md).
-        f"--nnodes={setting('NODES')}",
+        f"--nnodes={first_round()}",
         f"--nproc-per-node={processes()}",
         f"--rdzv-backend={BACKEND}",
         f"--rdzv-endpoint={addr}:{port}",
@@ -253,12 +262,13 @@ def run_torchrun(arguments):
     except RendezvousClosedError:
         # Closed by the node that ended the job, which recorded its status: this node, still on
         # its way in, reports the job's status (the job may have finished without it).
-        verdict = read_verdict()
-        if verdict == 0:
-            print("the job finished before this node was taken in: nothing to do", flush=True)
-            return 0
-        error(f"the job ended with status {verdict or 'unknown'} before this node was taken in")
-        return verdict or 1
+        return ended_without_this_node()
+    except AttributeError as err:
+        # A spare when the job ended: torch's agent returns no result after its
+        # RendezvousGracefulExitError, and torch's launch_agent reads one (`result.is_failed()`).
+        if not (node.spare and "is_failed" in str(err)):
+            raise
+        return ended_without_this_node()
     except RendezvousTimeoutError:
         error(
             f"no round of {setting('NODES')} nodes formed within {setting('JOIN_TIMEOUT')}s:"
@@ -275,6 +285,16 @@ def run_torchrun(arguments):
             " resumes from the last checkpoint"
         )
         return 1
+
+
+def ended_without_this_node():
+    """The job's status, as the node that ended it recorded it, for a node never taken in."""
+    verdict = read_verdict()
+    if verdict == 0:
+        print("the job finished before this node was taken in: nothing to do", flush=True)
+        return 0
+    error(f"the job ended with status {verdict or 'unknown'} before this node was taken in")
+    return verdict or 1
 
 
 def verdict_store():

@@ -65,6 +65,7 @@ class Node:
     def __init__(self, min_nodes=1, max_nodes=1, rdzv_timeout=60):
         self.min_nodes, self.max_nodes, self.rdzv_timeout = min_nodes, max_nodes, rdzv_timeout
         self.handler, self.members = None, set()
+        self.spare = False  # said once that it waits as a spare
 
     def a_member_is_gone(self):
         return not self.members <= set(participants(self.handler))
@@ -119,6 +120,10 @@ def num_nodes_waiting_or_dropped(handler, num_nodes_waiting):
     if NODE.members and handler._this_node not in participants(handler):
         print("torchrun: this node was dropped from its round: rejoining", flush=True)
         return max(waiting, 1)
+    if len(participants(handler)) >= NODE.max_nodes:
+        # A round of MAX_NODES has no place for a waiting node: re-forming would only trade one
+        # node for another, again and again (seen: 20 re-forms in 60 s). It waits as a spare.
+        return 0
     return waiting
 
 
@@ -132,8 +137,30 @@ def join_at_the_jobs_sizes(op, context, deadline):
     state = context.state
     if state.complete or state.round > 0:
         settings = context.settings  # frozen; shared with the handler and its heartbeats
-        object.__setattr__(settings, "min_nodes", min(NODE.min_nodes, NODE.max_nodes))
+        object.__setattr__(settings, "min_nodes", NODE.min_nodes)  # the launcher checked both
         object.__setattr__(settings, "max_nodes", NODE.max_nodes)
+    return wait_as_a_spare(op, context, deadline)
+
+
+def wait_as_a_spare(op, context, deadline):
+    """torch keeps a node that finds a complete round of max_nodes in its wait list if it was
+    there already (it came during a re-form), where it times out after RDZV_TIMEOUT and fails,
+    and where the members see it as waiting and re-form for it, forever. Changed: it moves to
+    torch's redundancy list, which has no deadline and which the members do not count; it takes
+    a place when a member leaves or dies, as torch's redundancy list provides."""
+    state = context.state
+    full = state.complete and len(state.participants) >= context.settings.max_nodes
+    if full and context.node in state.wait_list and not state.closed:
+        return rdzv._Action.REMOVE_FROM_WAIT_LIST  # then, in the next call, the redundancy list
+    if full and context.node in state.redundancy_list and not NODE.spare:
+        NODE.spare = True
+        print(
+            f"torchrun: the job has its MAX_NODES={NODE.max_nodes} nodes: this node waits as a"
+            " spare and takes a place when one leaves or dies",
+            flush=True,
+        )
+    elif context.node in state.participants:
+        NODE.spare = False
     return ORIGINAL["_RendezvousJoinOp.__call__"](op, context, deadline)
 
 

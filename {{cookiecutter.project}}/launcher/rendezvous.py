@@ -10,6 +10,7 @@ usage: python -m launcher.rendezvous   (settings from the environment, else .env
 
 import os
 import signal
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -38,10 +39,18 @@ def main():
 
     port, run_id = int(setting("RDZV_PORT")), setting("RUN_ID")
     idle = int(os.environ.get("IDLE_TIMEOUT") or IDLE_TIMEOUT)
+    bind = os.environ.get("RDZV_BIND", "")
+    listening = listen(bind, port)  # kept open for the store's whole life
     store = TCPStore(
-        "0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+        bind or "0.0.0.0",
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=60),
+        master_listen_fd=listening.fileno() if listening else None,
     )
-    print(f"rendezvous: serving {run_id} on port {port}", flush=True)
+    where = f"{bind}:{port}" if bind else f"port {port} of every interface"
+    print(f"rendezvous: serving {run_id} on {where}", flush=True)
     backend = C10dRendezvousBackend(store, run_id)
     # A reader of the job's state that never joins it.
     handler = DynamicRendezvousHandler.from_backend(run_id, store, backend, 1, 1)
@@ -60,6 +69,20 @@ def main():
         elif time.monotonic() - last_seen > idle:
             print(f"rendezvous: no node for {idle}s: stopping", flush=True)
             return 0
+
+
+def listen(bind, port):
+    """A socket listening on `bind` only (RDZV_BIND: the address the nodes dial, where it is
+    known: machine 0's for make up-node, the pod's on Kubernetes), or None: torch's store then
+    listens on every interface, and cannot be told one (docs/security.md)."""
+    if not bind:
+        return None
+    family, kind, _, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)[0]
+    listening = socket.socket(family, kind)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind(address)
+    listening.listen(512)
+    return listening
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_best_is_neither_pruned_nor_resumed_from(tmp_path):
 
 def test_half_written_temporary_file_is_ignored(tmp_path):
     checkpoint.save(_state(1), tmp_path, 1)
-    (tmp_path / ".ckpt-epoch0002.pt.tmp").write_bytes(b"partial")
+    (tmp_path / f".ckpt-epoch0002.pt.{os.uname().nodename}-1.tmp").write_bytes(b"partial")
     assert checkpoint.load_latest(tmp_path)[0]["epoch"] == 1
 
 
@@ -190,9 +191,8 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
         [sys.executable, "-c", WRITER, root, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout.readline().strip() == "first"
-    tmp = tmp_path / ".ckpt-epoch0002.pt.tmp"
     deadline = time.monotonic() + 60
-    while not (tmp.exists() and tmp.stat().st_size > 0):
+    while not any(tmp.stat().st_size > 0 for tmp in tmp_path.glob(".ckpt-epoch0002.pt.*.tmp")):
         assert time.monotonic() < deadline and writer.poll() is None, "never saw the write start"
         time.sleep(0.001)
     writer.send_signal(signal.SIGKILL)
@@ -297,7 +297,8 @@ def test_keep_prunes_mid_epoch_checkpoints_oldest_first_and_never_best(tmp_path)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["best"] == 1.0
 
 
-def test_only_rank_0_writes(tmp_path):
+def test_a_rank_that_does_not_write_its_folder_writes_nothing(tmp_path):
+    # Another rank writes that folder (resuming.find_folders): rank 0 where all share one.
     saver = _saver(tmp_path, enabled=False, every=1)
     saver.midway(1)
     saver.stopped(2)

@@ -14,7 +14,7 @@ import nodes
 import pytest
 from nodes import Node, free_port
 
-from {{ cookiecutter.package }} import sample_log
+from {{ cookiecutter.package }} import checkpoint, sample_log
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small batches, so that an epoch takes seconds: a stop sent early in one lands inside it.
@@ -134,9 +134,14 @@ def test_a_kill_repeats_at_most_the_steps_since_the_last_checkpoint(tmp_path):
 def start_nodes(tmp_path, count, **env):
     """The rendezvous service and `count` nodes of one job on this machine, each started as in
     a container (python -m launcher.rendezvous, python -m launcher); returns (service, nodes)."""
+    common = job_environment(tmp_path, **env)
+    return nodes.rendezvous(**common), [Node(**common) for _ in range(count)]
+
+
+def job_environment(tmp_path, **env):
     (tmp_path / "data").mkdir(exist_ok=True)
     folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
-    common = {
+    return {
         "SCRIPT": "train_dist.py",
         "ARGS": " ".join(JOB) + f" --samples={SAMPLES} " + folders,
         "RDZV_ADDR": "127.0.0.1",
@@ -147,7 +152,6 @@ def start_nodes(tmp_path, count, **env):
         "RUN_ID": f"elastic-{os.getpid()}",
         **env,
     }
-    return nodes.rendezvous(**common), [Node(**common) for _ in range(count)]
 
 
 def holding_rank_0(started, size):
@@ -203,6 +207,62 @@ def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_
     assert 0 <= counted[1][3] <= every * BATCH * 2, counted  # repeated: at most 5 steps of 2
 
 
+def start_machines(tmp_path, names, **env):
+    """The rendezvous service and a node for each name, as on machines that share no disk
+    (make up-node on each): each node has its own checkpoint and log folders under
+    tmp_path/<name>; node.home is that folder."""
+    common = job_environment(tmp_path, **env)
+    return nodes.rendezvous(**common), [machine(tmp_path, name, common) for name in names]
+
+
+def machine(tmp_path, name, environment):
+    home = tmp_path / name
+    folders = f"--data-dir={tmp_path / 'data'} --checkpoint-dir={home / 'checkpoint'} "
+    args = " ".join(JOB) + f" --samples={SAMPLES} {folders} --log-dir={home / 'log'}"
+    node = Node(**{**environment, "ARGS": args})
+    node.home = home
+    return node
+
+
+def resumed_at(out):
+    return [(int(e), int(s)) for e, s in re.findall(r"epoch (\d+) done, (\d+) samples into", out)]
+
+
+def test_rank_0_moving_between_machines_without_a_shared_disk_loses_nothing_and_never_goes_back(
+    tmp_path,
+):
+    service, started = start_machines(tmp_path, ["a", "b"], NODES="2", MIN_NODES="1")
+    leaving, (staying,) = holding_rank_0(started, 2)
+    wait_for_records(leaving.process, leaving.home, epoch=2)
+    leaving.process.send_signal(signal.SIGTERM)
+    assert leaving.finish() == 143, leaving.output
+    # The node left on the other machine, its folder never written by rank 0, goes on from
+    # where the stop left off, not from the start.
+    staying.wait_for(r"r0\] resumed from \S+ epoch 1 done, [1-9]\d* samples into the next")
+    back = machine(tmp_path, leaving.home.name, leaving.environment)  # its folder is behind now
+    holding_rank_0([staying, back], 2)
+    for node in (staying, back):
+        assert node.finish() == 0, node.output
+    assert service.finish(timeout=120) == 0, service.output
+    # Resumed only forwards, whichever machine held rank 0 and whichever folder was behind.
+    first, *later = resumed_at(staying.output)
+    later += resumed_at(back.output)
+    assert later and min(later) > first, (first, later)
+    logs = [tmp_path / name / "log" / "samples" for name in ("a", "b")]
+    assert sample_log.count(*logs) == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+    # The machine that came back stored the checkpoint its round resumed from: it does not
+    # depend on the other machine staying up until the next save.
+    last_start = re.findall(r"resumed from \S+/(ckpt-\S+\.pt)", staying.output + back.output)[-1]
+    for name in ("a", "b"):
+        assert (tmp_path / name / "checkpoint" / last_start).is_file(), name
+    # Each machine's own folder holds the job's last checkpoint and best.pt, the same content.
+    last = [(tmp_path / name / "checkpoint" / "ckpt-epoch0003.pt") for name in ("a", "b")]
+    assert checkpoint.content_hash(last[0].read_bytes()) == checkpoint.content_hash(
+        last[1].read_bytes()
+    )
+    assert all((path.parent / "best.pt").is_file() for path in last)
+
+
 def test_a_lost_rendezvous_service_stops_every_node_with_one_line_after_a_save(tmp_path):
     service, started = start_nodes(tmp_path, 2, NODES="2")
     rank_0, _ = holding_rank_0(started, 2)
@@ -227,6 +287,33 @@ def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_onc
     for node in (*first, joining):
         assert node.finish() == 0, node.output
     assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
+
+
+def test_a_node_beyond_max_nodes_waits_as_a_spare_and_takes_a_killed_members_place(tmp_path):
+    service, started = start_nodes(tmp_path, 3, NODES="3", MAX_NODES="2")
+    spare_line = "this node waits as a spare"
+    deadline = time.monotonic() + 120
+    while not any(spare_line in node.output for node in started):
+        assert time.monotonic() < deadline, "".join(node.output for node in started)
+        time.sleep(0.05)
+    spare = next(node for node in started if spare_line in node.output)
+    members = [node for node in started if node is not spare]
+    killed, (staying,) = holding_rank_0(members, 2)
+    wait_for_records(killed.process, tmp_path, epoch=2, lines=100)
+    nodes.kill(killed.process)
+    # Restarted at once, as Docker restarts a killed container: three nodes for two places
+    # again, while the round re-forms.
+    restarted = Node(**killed.environment)
+    for node in (staying, spare, restarted):
+        assert node.finish() == 0, node.output
+    assert service.finish(timeout=120) == 0, service.output
+    everyone = (*started, restarted)
+    rounds = re.findall(r"r0\] world size (\d+)", "".join(n.output for n in everyone))
+    # A place for the spare or the restarted node (rounds of 2, never 1), and no round formed
+    # for nothing: the first, one or two after the kill, not one after another.
+    assert set(rounds) == {"2"} and len(rounds) <= 3, rounds
+    counted = sample_log.count(tmp_path / "log" / "samples")
+    assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
 
 
 def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):

@@ -193,6 +193,51 @@ def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_s
     assert "the job's rendezvous is closed: stopping" in service.output
 
 
+def test_the_rendezvous_service_listens_only_on_the_address_it_is_given():
+    port = free_port()
+    service = nodes.Node(
+        "launcher.rendezvous",
+        RDZV_PORT=str(port),
+        RUN_ID="bound",
+        RDZV_BIND="127.0.0.2",
+        IDLE_TIMEOUT="3",
+    )
+    service.wait_for("rendezvous: serving bound on 127.0.0.2:")
+    socket.create_connection(("127.0.0.2", port), timeout=5).close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert service.finish(timeout=60) == 0, service.output  # no node came: it ends by itself
+
+
+def test_a_store_client_without_the_run_id_changes_nothing_the_job_does(tmp_path):
+    """A stranger who reaches the rendezvous port but guesses the run id wrong (the project's
+    name, here) closes "the" rendezvous and records a failed status: the job, under its secret
+    id, neither sees nor reports either (docs/security.md)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"secret-{os.getpid()}-{os.urandom(8).hex()}"}
+    service = nodes.rendezvous(**job)
+    store = TCPStore("127.0.0.1", int(job["RDZV_PORT"]), is_master=False, timeout=timedelta(60))
+    guess = job["RUN_ID"].split("-")[0]
+    backend = C10dRendezvousBackend(store, guess)
+    DynamicRendezvousHandler.from_backend(guess, store, backend, 1, 1).set_closed()
+    store.set(launcher_node.VERDICT_KEY + guess, "3")
+    node = {"RDZV_HOST": "0", "NPROC_PER_NODE": "1", "START_METHOD": "fork", **job}
+    started = [start(tmp_path, NODES="2", **node) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in started]
+    for process, output in zip(started, outputs, strict=True):
+        assert process.returncode == 0, output
+    assert sorted(p["rank"] for out in outputs for p in probes(out)) == ["0", "1"]
+    assert service.finish(timeout=60) == 0, service.output
+    assert "the job's rendezvous is closed: stopping" in service.output
+
+
 @pytest.mark.parametrize(
     "code, message",
     [

@@ -14,6 +14,8 @@ best.pt: the state with the best validation metric the task names; `keep` never 
 a resume never starts from it.
 """
 
+import hashlib
+import io
 import logging
 import os
 import pickle
@@ -24,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from {{ cookiecutter.package }}.distributed import fail_together, from_rank_0, wait_for_rank_0
+from {{ cookiecutter.package }}.distributed import fail_together
 from {{ cookiecutter.package }}.errors import UsageError
 from {{ cookiecutter.package }}.health import resting
 
@@ -51,24 +53,48 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def position(path) -> tuple[int, int]:
+    """(epochs done, samples or steps into the next) of a checkpoint, from its name."""
+    match = NAME_RE.match(Path(path).name)
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
 def checkpoints(directory) -> list[Path]:
     """Complete checkpoints in the directory, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = []
-    for path in directory.iterdir():
-        if match := NAME_RE.match(path.name):
-            found.append(((int(match.group(1)), int(match.group(2) or 0)), path))
-    return [path for _, path in sorted(found)]
+    return sorted((p for p in directory.iterdir() if NAME_RE.match(p.name)), key=position)
+
+
+def content_hash(data: bytes) -> int:
+    """A hash of what a checkpoint holds (63 bits), equal for two saves of the same state.
+
+    Not of the file's bytes: torch.save writes a fresh serialization id into every archive, and
+    names its records after the file. So: each record's name past the archive folder, size and
+    CRC, read from the zip's own directory.
+    """
+    digest = hashlib.sha256()
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch's format before 1.6
+        return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") >> 1
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in sorted(archive.infolist(), key=lambda i: i.filename.split("/", 1)[-1]):
+            record = info.filename.split("/", 1)[-1]
+            if record != ".data/serialization_id":
+                digest.update(f"{record}:{info.file_size}:{info.CRC};".encode())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
 
 
 def save(state: dict, directory, epoch: int, samples: int = 0, keep: int = 3) -> Path:
     """Write state as the checkpoint of `samples` into epoch `epoch`; keep the newest `keep`."""
     final = write(state, Path(directory) / name(epoch, samples))
-    for old in checkpoints(directory)[:-keep]:
-        old.unlink()
+    prune(directory, keep)
     return final
+
+
+def prune(directory, keep):
+    for old in checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 class WriteError(UsageError):
@@ -77,14 +103,20 @@ class WriteError(UsageError):
     same wall; the previous checkpoints are as they were."""
 
 
-def write(state: dict, final: Path) -> Path:
-    """Write state to `final` whole or not at all."""
+def write(state, final: Path) -> Path:
+    """Write state (a dict for torch.save, or a checkpoint's bytes) to `final` whole or not at
+    all."""
     directory = final.parent
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{final.name}.tmp"
+    # Its own name per writer: two nodes that did not find out they share the folder (a slow
+    # network file system) each write a whole file, and the last rename wins.
+    tmp = directory / f".{final.name}.{os.uname().nodename}-{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            if isinstance(state, bytes):
+                f.write(state)
+            else:
+                torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -156,47 +188,26 @@ def restore(state, model, optimizer, samples_per_step) -> Resumed:
     return Resumed(state["epoch"], samples, state.get("seed"), metrics, best, size)
 
 
-MID_EPOCH = (
-    "it stopped mid-epoch, and only the same set can finish that epoch with each sample once."
-    " Resume with the same data (and --samples), or start afresh (another --checkpoint-dir)"
-)
-
-
-def resume(directory, model, stepper, *, rank, seed, size, samples_per_step) -> Resumed:
-    """Load the newest checkpoint of `directory` into every rank's model and step (rank 0 reads
-    it and sends it); refuse one that this job cannot go on from (another --seed, or another
-    training set mid-epoch); return where to go on from."""
-    state, path = None, None
-    with fail_together():
-        if rank == 0:
-            state, path = load_latest(directory)
-    state = from_rank_0(state)
-    resumed = restore(state, model, stepper.optimizer, samples_per_step)
-    stepper.load_state_dict(state)
-    wait_for_rank_0()  # and for every other rank to have unpacked the checkpoint
-    if resumed.seed not in (None, seed):
-        # The epoch's order comes from the seed: another one would train some samples twice.
-        message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
-        raise UsageError(message if rank == 0 else "")
-    if resumed.size not in (None, size):
-        changed = f"{path} was trained on {resumed.size} samples an epoch; there are {size}"
-        if resumed.samples:
-            # Which samples the epoch's first part held depends on its size: the rest of it
-            # would train some twice and miss others.
-            raise UsageError(f"{changed}: {MID_EPOCH}" if rank == 0 else "")
-        log.warning("%s: the next epoch deals the new set", changed)
-    if path:
-        done = f"epoch {resumed.epoch} done, {resumed.samples} samples into the next"
-        log.info("resumed from %s: %s", path, done)
-    return resumed
-
-
 def load_latest(directory):
     """Return (state, path) of the newest checkpoint that loads, or (None, None). A truncated
     or corrupt file is set aside; anything else raises CheckpointError."""
+    state, path, _ = newest(directory)
+    return state, path
+
+
+def decode(data: bytes):
+    """A checkpoint's state from its bytes, as torch.load(weights_only=True) decodes: tensors,
+    numbers, strings and containers, never code."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def newest(directory):
+    """(state, path, bytes) of the newest checkpoint that loads, or (None, None, None); as
+    load_latest."""
     for path in reversed(checkpoints(directory)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
+            data = path.read_bytes()
+            return decode(data), path, data
         except OSError as err:
             raise CheckpointError(
                 f"cannot read {path} ({err.strerror or err}): fix the file or its folder "
@@ -219,7 +230,7 @@ def load_latest(directory):
             _set_aside(path, err)
         except Exception as err:  # noqa: BLE001 - truncated or damaged: the zip or pickle format
             _set_aside(path, err)
-    return None, None
+    return None, None, None
 
 
 def _whole_archive(path):
@@ -237,17 +248,22 @@ def _set_aside(path, err):
 
 
 class Saver:
-    """A run's checkpoints, written by rank 0 alone (DDP keeps the weights equal on every rank):
-    at the end of each epoch, every `every` steps into one (0: never), where a stop left off,
-    and best.pt when validation improves on the best so far. `batches`
-    (dealing.EpochBatches) says where training stands; `stepper` (steps.Stepper) holds the
-    optimizer and the step's own state."""
+    """A run's checkpoints, written in each distinct checkpoint folder of the job by one rank
+    there (`enabled`: DDP keeps the weights equal on every rank, so each writes its own copy,
+    and no folder depends on another machine's; resuming.py): at the end of each epoch, every
+    `every` steps into one (0: never), where a stop left off, and best.pt when validation
+    improves on the best so far. `batches` (dealing.EpochBatches) says where training stands;
+    `stepper` (steps.Stepper) holds the optimizer and the step's own state."""
 
-    def __init__(self, directory, *, keep, every, model, stepper, batches, resumed, enabled):
+    def __init__(
+        self, directory, *, keep, every, model, stepper, batches, resumed, enabled, alone=True
+    ):
         self.directory, self.keep, self.every = Path(directory), keep, every
         self.model, self.stepper, self.batches = model, stepper, batches
         self.metrics, self.best_value = resumed.metrics, resumed.best
-        self.enabled = enabled
+        # The one writer of the job waits for the others only under --timeout (they waited for
+        # it); one of several writers may wait for another still writing.
+        self.enabled, self.slow = enabled, enabled and alone
 
     def epoch_done(self, metrics):
         self.metrics = metrics
@@ -277,7 +293,7 @@ class Saver:
             return
         self.best_value = value
         resting()
-        with fail_together(slow_rank=0):  # a failed write stops every rank (status 2)
+        with fail_together(slow=self.slow):  # a failed write stops every rank (status 2)
             if self.enabled:
                 now = self._state(self.batches.position(steps))
                 path = write(now, self.directory / BEST)
@@ -290,7 +306,7 @@ class Saver:
     def _save(self, where):
         resting()  # every rank waits for the save, under --checkpoint-timeout, not HEALTH_TIMEOUT
         path = None
-        with fail_together(slow_rank=0):
+        with fail_together(slow=self.slow):
             if self.enabled:
                 now = self._state(where)
                 path = save(now, self.directory, where["epoch"], where["samples"], self.keep)

@@ -2,6 +2,7 @@
 
 import gc
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 # Two CPU (gloo) groups beside the training group, each with its own bound. The control group
 # carries what every rank reaches within a step of the others (stop votes, errors, metrics, the
 # final check), so a silent peer fails it after --timeout, as it fails a training step. The
-# waiting group carries the waits for slow work: the task's data, the checkpoint rank 0 reads and
-# sends, rank 0's saves; a checkpoint of a few GB on a slow disk may take longer than --timeout,
+# waiting group carries the waits for slow work: the task's data, the checkpoint one rank reads
+# and sends, the saves; a checkpoint of a few GB on a slow disk may take longer than --timeout,
 # so its bound is --checkpoint-timeout.
 _control = _waiting = None
 _timeout = None
@@ -95,14 +96,32 @@ def pick_device(backend, rank, deterministic=False):
     return device
 
 
-def from_rank_0(obj):
-    """Rank 0's `obj` on every rank (on the CPU), under --checkpoint-timeout: the others wait for
-    rank 0 to read it."""
+def broadcast_bytes(data, src):
+    """`src`'s bytes on every rank, under --checkpoint-timeout (the others wait for it to read
+    them). Bytes, not objects: what a peer sends is never unpickled here (docs/security.md)."""
     if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_waiting, device=torch.device("cpu"))
-    return box[0]
+        return data
+    size = torch.tensor([len(data) if dist.get_rank() == src else 0], dtype=torch.int64)
+    dist.broadcast(size, src=src, group=_waiting)
+    if dist.get_rank() == src:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+    else:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    if int(size.item()):
+        dist.broadcast(payload, src=src, group=_waiting)
+        return data if dist.get_rank() == src else payload.numpy().tobytes()
+    return b""
+
+
+def gather_ints(values):
+    """Every rank's list of integers (all of one length), in rank order, on every rank, under
+    --checkpoint-timeout."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    if not dist.is_initialized():
+        return [mine.tolist()]
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine, group=_waiting)
+    return [row.tolist() for row in everyone]
 
 
 def any_rank(flag, group=None, timeout=None):
@@ -121,33 +140,43 @@ def any_rank(flag, group=None, timeout=None):
 
 
 def gather(obj):
-    """Every rank's `obj`, in rank order, on every rank."""
+    """Every rank's `obj` (numbers, strings, lists and dicts: JSON), in rank order, on every rank.
+    JSON, not pickle: a peer's message is data, never code (docs/security.md)."""
     if not dist.is_initialized():
         return [obj]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, obj, group=_control)
-    return everyone
+    mine = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([mine.numel()]), group=_control)
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: mine.numel()] = mine
+    everyone = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(everyone, padded, group=_control)
+    return [
+        json.loads(row[: int(size.item())].numpy().tobytes())
+        for row, size in zip(everyone, sizes, strict=True)
+    ]
 
 
-def wait_for_rank_0():
-    """Until rank 0 is here too (under --checkpoint-timeout): after its reads, so that the next
-    collective, bounded by --timeout, does not count the time rank 0 spent reading."""
+def wait_for_all():
+    """Until every rank is here (under --checkpoint-timeout): after reads or writes, so that the
+    next collective, bounded by --timeout, does not count the time some rank spent on them."""
     if dist.is_initialized():
         dist.barrier(group=_waiting)
 
 
 @contextmanager
-def fail_together(slow_rank=None):
+def fail_together(slow=False):
     """A UsageError (missing data, an unwritable folder) on one rank stops every rank with it.
 
     The others would otherwise wait in their next collective until it times out, and torchrun
     would restart a job that cannot succeed. Only the rank that found the problem reports it.
     Ranks wait for each other's block under --checkpoint-timeout (data to load, a checkpoint to
-    read or write); `slow_rank`, the one rank whose block is slow (rank 0 saving), waits for the
-    others only under --timeout, since they were waiting already: a peer that hung meanwhile
-    ends the job as soon as in a training step.
+    read or write); a rank whose block is `slow` (one writing a checkpoint) waits for the others
+    only under --timeout, since they were waiting already: a peer that hung meanwhile ends the
+    job as soon as in a training step.
     """
-    timeout = _timeout if dist.is_initialized() and dist.get_rank() == slow_rank else None
+    timeout = _timeout if dist.is_initialized() and slow else None
     try:
         yield
     except UsageError:

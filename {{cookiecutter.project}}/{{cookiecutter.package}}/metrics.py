@@ -53,6 +53,9 @@ class Sums:
 def epoch_metrics(summarize, sums, seconds, world_size):
     """An epoch's values: the task's `summarize` of every rank's `sums`, and the loop's own."""
     totals = sums.over_ranks()
+    # The slowest rank's time, the same on every rank: each writes the state into its own
+    # folder's checkpoint, and equal states must hash equal (resuming.py).
+    seconds = max(gather(seconds))
     loop = {"samples_per_s": totals["samples"] / seconds, "world_size": world_size}
     return {**summarize(totals), **loop}
 

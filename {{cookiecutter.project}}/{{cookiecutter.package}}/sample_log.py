@@ -5,7 +5,8 @@ Records: LOG_DIR/samples/epochNNNN/size (the epoch's sample count) and one file 
 and start (<host>-<pid>-r<rank>.ids, an id a line, written after each step), so that restarts and
 other world sizes add files and never overwrite one.
 
-usage: python -m {{ cookiecutter.package }}.sample_log [--at-least-once] [FOLDER]   (make samples-report)
+usage: python -m {{ cookiecutter.package }}.sample_log [--at-least-once] [FOLDER ...]   (make samples-report)
+Several folders: the records of several machines' log folders, counted together (make up-node).
 """
 
 import argparse
@@ -52,31 +53,37 @@ class SampleLog:
         self.close()
 
 
-def count(folder):
-    """(epoch, trained, missing, repeated) for each epoch recorded under `folder`."""
+def count(*folders):
+    """(epoch, trained, missing, repeated) for each epoch recorded under the folders together."""
+    epochs = {}
+    for folder in folders:
+        for epoch_dir in Path(folder).glob("epoch*"):
+            epochs.setdefault(epoch_dir.name, []).append(epoch_dir)
     rows = []
-    for epoch_dir in sorted(Path(folder).glob("epoch*")):
-        size = int((epoch_dir / "size").read_text())
-        times = Counter(int(i) for f in epoch_dir.glob("*.ids") for i in f.read_text().split())
+    for name, dirs in sorted(epochs.items()):
+        # Written by the epoch's rank 0, on one machine of several.
+        size = next(int((d / "size").read_text()) for d in dirs if (d / "size").is_file())
+        ids = (int(i) for d in dirs for f in d.glob("*.ids") for i in f.read_text().split())
+        times = Counter(ids)
         trained = sum(1 for i in times if 0 <= i < size)
         repeated = sum(n - 1 for n in times.values())
-        rows.append((int(epoch_dir.name.removeprefix("epoch")), trained, size - trained, repeated))
+        rows.append((int(name.removeprefix("epoch")), trained, size - trained, repeated))
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check each epoch trained every sample once.")
-    parser.add_argument("folder", nargs="?", default="logs/samples")
+    parser.add_argument("folders", nargs="*", default=["logs/samples"], metavar="FOLDER")
     parser.add_argument(
         "--at-least-once",
         action="store_true",
         help="accept repeated samples (a run with kills), not missing ones",
     )
     args = parser.parse_args(argv)
-    rows = count(args.folder)
+    rows = count(*args.folders)
     if not rows:
         print(
-            f"ERROR: no sample records in {args.folder} (train with --record-samples)",
+            f"ERROR: no sample records in {' '.join(args.folders)} (train with --record-samples)",
             file=sys.stderr,
         )
         return 2
