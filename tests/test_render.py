@@ -519,3 +519,23 @@ def test_the_container_user_follows_whoever_runs_make(default_project, tmp_path)
             path.chmod(0o755)
         someone = ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"]
         assert container_user(folder, run_as=someone) == ("4321", "4321")
+
+
+def test_fresh_start_moves_the_last_runs_checkpoints_and_logs_aside_and_deletes_nothing(tmp_path):
+    root = render(tmp_path)
+    (root / "checkpoints" / "ckpt-epoch0003.pt").write_text("weights")
+    (root / "logs" / "samples").mkdir()
+    (root / "logs" / "samples" / "rank0.jsonl").write_text("ids")
+    (root / "logs" / "metrics.jsonl").write_text("rows")
+    # No job runs (Compose lists no running container): `true` stands in for it.
+    result = run(["make", "--no-print-directory", "fresh-start", "COMPOSE=true"], root)
+    assert result.returncode == 0, result.stderr
+    (aside,) = (root / "previous-runs").iterdir()
+    assert f"moved checkpoints/ logs/ to previous-runs/{aside.name}/" in result.stdout
+    assert (aside / "checkpoints" / "ckpt-epoch0003.pt").read_text() == "weights"
+    assert (aside / "logs" / "samples" / "rank0.jsonl").read_text() == "ids"
+    assert (aside / "logs" / "metrics.jsonl").read_text() == "rows"
+    for folder in ("checkpoints", "logs"):  # what git keeps stays
+        assert [p.name for p in (root / folder).iterdir()] == [".gitkeep"]
+    running = run(["make", "fresh-start", "COMPOSE=echo"], root)  # "a container runs"
+    assert running.returncode != 0 and "make down first" in running.stderr

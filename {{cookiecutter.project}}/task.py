@@ -56,7 +56,7 @@ MONITOR, MODE = "accuracy", "max"
 
 def add_arguments(parser):
     parser.add_argument(
-        "--samples", type=positive(int), default=2048, help="synthetic dataset size (2048)"
+        "--samples", type=positive(int), default=2048, help="synthetic dataset size"
     )
 
 

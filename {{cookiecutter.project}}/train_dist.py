@@ -24,7 +24,7 @@ from contextlib import closing
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from {{ cookiecutter.package }} import checkpoint, distributed, resuming, task_loader
+from {{ cookiecutter.package }} import checkpoint, distributed, logs, resuming, task_check, task_loader
 from {{ cookiecutter.package }}.dealing import make_loaders, seed_all
 from {{ cookiecutter.package }}.errors import USAGE_ERROR, UsageError
 from {{ cookiecutter.package }}.flags import ROOT, parse_args, task_name
@@ -63,6 +63,7 @@ def train(args, task, stop):
     )
     validator = Validator(model, val, task, stepper, every=args.val_every_steps * args.accum_steps)
     best, metrics = f"val_{task.monitor}", resumed.metrics
+    first_batch = task_check.FirstBatch(model, task, stepper, validates=val is not None)
     records = SampleLog(args.log_dir, ranks.rank, enabled=args.record_samples)
     with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log, records:
         for epoch in range(resumed.epoch, args.epochs):
@@ -70,13 +71,14 @@ def train(args, task, stop):
             records.start(epoch, batches.size)
             started, sums, steps = time.perf_counter(), Sums(ranks.device), 0
             shown = progress(loader, batches, epoch, args.epochs, every=args.progress_every)
+            shown = first_batch.wrap(shown)  # the task's first step, checked (task_check.py)
             for steps, ids in stepper.train(net, shown, batches, task, stop=stop, sums=sums):
                 records.add(ids)
-                saver.midway(steps)
                 if validator.due(steps):
                     values, trained = validator.run(), batches.trained(steps)
                     metrics_log.midway(trained / batches.size, args.epochs, values, trained)
                     saver.validated(best, values[best], task.better, steps)
+                saver.midway(steps)
             if stop.stopped:
                 saver.stopped(steps)
                 return stop.exit_status()
@@ -84,10 +86,8 @@ def train(args, task, stop):
             metrics = epoch_metrics(task.summarize, sums, seconds, ranks.world_size)
             values = validator.run()
             metrics.update(values)
-            saver.epoch_done(metrics)
+            saver.epoch_done(metrics, best, values.get(best), task.better)
             metrics_log.record(epoch + 1, args.epochs, metrics, (epoch + 1) * batches.size)
-            if values:
-                saver.validated(best, values[best], task.better)
 
     # finish: every rank ended with the same weights
     if metrics is None:
@@ -110,7 +110,8 @@ def load_data(args, task, ranks):
         except UsageError as err:  # said once a machine, by its first process
             raise UsageError(str(err) if os.environ.get("LOCAL_RANK", "0") == "0" else "") from None
         readable_dir(args.data_dir)
-        train_set, val_set = task.datasets(args)
+    with distributed.fail_together(once=True), task_check.task_code("datasets()"):
+        train_set, val_set = task_check.map_style(task.datasets(args))
     shape = dict(workers=args.workers, collate=task.collate, pin=ranks.device.type == "cuda")
     loader, batches, val = make_loaders(
         train_set, val_set, ranks, batch_size=args.batch_size, seed=args.seed, **shape
@@ -126,10 +127,13 @@ def load_model(args, task, ranks, train_size):
     which folder this rank writes): the task's model and optimizer, from the newest checkpoint
     any node holds (resuming.py)."""
     seed_all(args.seed)
-    model = task.model(args).to(ranks.device)
-    cuda = ranks.device.type == "cuda"
+    with distributed.fail_together(once=True):
+        with task_check.task_code("model()"):
+            model = task.model(args).to(ranks.device)
+        with task_check.task_code("optimizer()"):
+            optimizer = task.optimizer(model, args)
+    cuda, total = ranks.device.type == "cuda", args.epochs * train_size
     ddp_net = DDP(model, device_ids=[ranks.device] if cuda else None) if ranks.ddp else None
-    optimizer, total = task.optimizer(model, args), args.epochs * train_size
     stepper = Stepper.from_args(args, optimizer, device=ranks.device, ddp=ddp_net, total=total)
     resumed, folder = resuming.resume(
         args.checkpoint_dir,
@@ -140,6 +144,7 @@ def load_model(args, task, ranks, train_size):
         seed=args.seed,
         size=train_size,
         samples_per_step=args.batch_size * ranks.world_size,
+        better=task.better,
     )
     net = ddp_net or model
     if args.compile:
@@ -156,8 +161,11 @@ def main(argv=None):
         return train(args, task, distributed.GracefulStop())
     except UsageError as err:
         if str(err):  # empty on the ranks that stopped because another found the problem
-            print(f"ERROR: {err}", file=sys.stderr)
+            logs.report(f"{getattr(err, 'details', '')}\nERROR: {err}".strip())
         return USAGE_ERROR
+    except Exception as err:  # noqa: BLE001 - the node prints it once (launcher/node.py)
+        logs.record_failure(err)
+        return 1
     finally:
         distributed.shutdown()
 

@@ -43,10 +43,10 @@ def test_stopped_on_three_nodes_resumed_on_two_each_sample_once(project):
     # lines when `make down` removes it.
     train_log = (project.root / "logs" / "elastic" / "train.log").read_text()
     saved = re.search(
-        rf"stop requested: saved \S+ at epoch (\d), sample (\d+) of {SAMPLES}", train_log
+        rf"stop requested: saved \S+: epoch (\d) done, (\d+) of {SAMPLES} samples", train_log
     )
     assert saved and 0 < int(saved.group(2)) < SAMPLES, stopped[-3000:] + train_log
-    epoch, sample = int(saved.group(1)), saved.group(2)
+    epoch, sample = int(saved.group(1)) + 1, saved.group(2)  # epochs done, as names count
 
     resumed = project.make("up", "NODES=2", f"ARGS={ARGS} {folders}").stdout
     assert "world size 2" in resumed

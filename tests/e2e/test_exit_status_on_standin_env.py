@@ -85,3 +85,70 @@ def test_finished_jobs_end_cleanly_on_every_node(standin):
     soak = [sys.executable, TEMPLATE / "bench" / "soak.py", "--host-runs=0", "--up-runs=3"]
     out = sh(soak, timeout=900).stdout
     assert "soak up: 3 runs, 0 non-zero exits, 0 with a stack trace" in out, out[-3000:]
+
+
+# A fork's task with the mistakes people make (issue 35); its --bug flag picks one, so that one
+# file, and one rebuild of the shared image, serves them all.
+MISTAKE = """
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+
+BUG = ""
+
+
+def add_arguments(parser):
+    parser.add_argument("--bug", default="")
+
+
+def datasets(args):
+    global BUG
+    BUG = args.bug
+    dtype = torch.float64 if BUG == "float64-data" else torch.float32
+    x = torch.randn(256, 8, dtype=dtype)
+    return TensorDataset(x, x.sum(1, keepdim=True).float()), None
+
+
+def model(args):
+    return torch.nn.Linear(8, 1)
+
+
+def optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def step(model, batch):
+    x, y = batch
+    loss = F.mse_loss(model(x), y)
+    return (loss.item() if BUG == "float-loss" else loss), dict()
+"""
+FIXES = {
+    "float-loss": "ERROR: step() returned the loss as a float, not a tensor",
+    "float64-data": "make datasets() return float32 tensors",
+}
+
+
+@pytest.fixture(scope="module")
+def mistake(project):
+    """The project with mistake.py beside task.py (TASK=mistake.py), built into its image."""
+    task = project.root / "mistake.py"
+    task.write_text(MISTAKE)
+    yield task.name
+    task.unlink()
+
+
+@pytest.mark.parametrize("bug", list(FIXES))
+def test_a_mistake_in_the_task_fails_once_with_what_to_fix_and_status_2(project, mistake, bug):
+    started = time.monotonic()
+    result = project.make("up", f"TASK={mistake}", f"ARGS=--bug {bug}", check=False, timeout=300)
+    seconds = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert "make up: FAILED: a node exited with status 2" in out, out[-3000:]
+    assert out.count(FIXES[bug]) == 1, out[-3000:]  # once for the job, by one rank
+    assert out.count("] world size") == 1, "one attempt: never restarted"
+    if bug == "float64-data":  # the task's own lines, not the machinery's
+        assert 'mistake.py", line' in out and "in step" in out, out[-3000:]
+        assert "train_dist.py" not in out.split("Traceback")[-1], out[-3000:]
+    assert FIXES[bug] in (project.root / "logs" / "train.log").read_text()
+    record(**{f"task_mistake_to_exit_s_{bug.replace('-', '_')}": round(seconds, 1)})

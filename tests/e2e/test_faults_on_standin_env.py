@@ -47,7 +47,7 @@ def test_a_killed_rendezvous_service_stops_every_node_with_one_line_and_up_resum
     assert job.returncode == 2 and (project.root / "build" / "status").read_text() == "1\n"
     assert project.compose("ps", "-q").stdout.strip() == "", "no container may be left running"
     # The ranks stopped after a save: the next `make up` resumes from it.
-    saved = re.search(r"stop requested: saved (\S+) at epoch", out)
+    saved = re.search(r"stop requested: saved (\S+): epoch \d+ done", out)
     assert saved, out[-3000:]
     again = project.make("up", args.replace("50", "3"))
     assert f"resumed from {saved.group(1)}" in again.stdout, again.stdout[-3000:]
@@ -105,7 +105,7 @@ def test_make_down_saves_a_checkpoint_and_next_up_resumes(project):
     # lines when `make down` removes it.
     train_log = (project.root / "logs" / "train.log").read_text()
     saved = re.search(
-        r"stop requested: saved /checkpoints/graceful/(\S+) at epoch \d+, sample (\d+)", train_log
+        r"stop requested: saved /checkpoints/graceful/(\S+): epoch \d+ done, (\d+) of", train_log
     )
     assert saved, out[-3000:]
     assert "make up: STOPPED" in out

@@ -49,9 +49,8 @@ def stop_and_resume(project, name, task_args, task=None):
     project.make("down")
     job.finish()
     stopped = (logs / "train.log").read_text()
-    assert re.search(r"stop requested: saved \S+ at epoch \d, sample [1-9]\d* of", stopped), (
-        stopped[-3000:]
-    )
+    saved = re.search(r"stop requested: saved \S+: epoch \d done, [1-9]\d* of", stopped)
+    assert saved, stopped[-3000:]
     resumed = project.make("up", "NODES=2", *args)
     assert "world size 2" in resumed.stdout and "samples into the next" in resumed.stdout
     report = project.make("samples-report", f"SAMPLES_DIR=logs/{name}/samples").stdout

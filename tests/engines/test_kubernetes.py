@@ -147,6 +147,19 @@ def test_a_usage_error_is_not_restarted_and_a_killed_pod_is_replaced(manifests):
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "ExitCode"
     plain = next(d for d in documents if d["kind"] == "Job")
     assert plain["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    assert plain["spec"]["backoffLimit"] == 3  # MAX_RESTARTS: a killed pod is retried
+
+
+def test_a_pod_that_stopped_training_is_replaced_by_its_liveness_probe(manifests):
+    """docs/health.md: Kubernetes restarts a pod whose ranks made no step for HEALTH_TIMEOUT."""
+    _, job, documents, _ = manifests
+    plain = next(d for d in documents if d["kind"] == "Job")
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    for pod in (plain["spec"]["template"]["spec"], worker):
+        (container,) = pod["containers"]
+        probe = container["livenessProbe"]
+        assert probe["exec"]["command"] == ["bash", "/app/docker/healthcheck.sh"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] <= 60
 
 
 def test_the_restart_marker_outlives_a_container_and_checkpoints_a_pod(manifests):

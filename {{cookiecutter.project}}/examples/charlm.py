@@ -27,11 +27,11 @@ TEXT = Path(__file__).resolve().parent / "data" / "public-domain.txt"
 
 
 def add_arguments(parser):
-    parser.add_argument("--text", default=str(TEXT), help="a UTF-8 text file (%(default)s)")
-    parser.add_argument("--block-size", type=positive(int), default=64, help="(64)")
-    parser.add_argument("--stride", type=positive(int), default=8, help="(8)")
-    parser.add_argument("--layers", type=positive(int), default=2, help="(2)")
-    parser.add_argument("--width", type=positive(int), default=128, help="(128)")
+    parser.add_argument("--text", default=str(TEXT), help="a UTF-8 text file")
+    parser.add_argument("--block-size", type=positive(int), default=64, help="characters a sample")
+    parser.add_argument("--stride", type=positive(int), default=8, help="between two samples")
+    parser.add_argument("--layers", type=positive(int), default=2, help="transformer layers")
+    parser.add_argument("--width", type=positive(int), default=128, help="embedding width")
     parser.set_defaults(lr=3e-3, weight_decay=0.01)
 
 

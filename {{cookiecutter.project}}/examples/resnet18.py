@@ -34,7 +34,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def add_arguments(parser):
-    parser.add_argument("--image-size", type=image_size, default=224, help="64 or more (224)")
+    parser.add_argument("--image-size", type=image_size, default=224, help="64 or more")
     parser.add_argument(
         "--sync-bn", action="store_true", help="SyncBatchNorm across ranks (GPUs only)"
     )

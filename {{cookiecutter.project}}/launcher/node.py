@@ -245,11 +245,8 @@ def run_torchrun(arguments):
         record_verdict(0)
         return 0
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        code = failure.exitcode
-        status = node_status(code)
-        reason = "a usage or data error: not restarted" if status == USAGE_ERROR else "failed"
-        print(f"torchrun: rank {rank} exited with status {code} ({reason})", flush=True)
+        rank, message, status = first_failure(failed.failures)
+        report_failure(rank, message, status)
         record_verdict(status)
         return status
     except SignalException as stopped:
@@ -285,6 +282,48 @@ def run_torchrun(arguments):
             " resumes from the last checkpoint"
         )
         return 1
+
+
+def first_failure(failures):
+    """(rank, its error file's message or {}, status) of the rank that failed first, among
+    torch's failures (every local rank that left an error file: launcher/patches.py), by the
+    time train_dist.py records to the microsecond (torch keeps whole seconds, and the peer of a
+    failed rank fails within the same one)."""
+
+    def when(item):
+        rank, failure = item
+        extra = failure.message.get("extraInfo") or {} if isinstance(failure.message, dict) else {}
+        return float(extra.get("time", failure.timestamp)), rank
+
+    rank, failure = min(failures.items(), key=when)
+    message = failure.message if isinstance(failure.message, dict) else {}
+    return rank, message, node_status(failure.exitcode)
+
+
+def report_failure(rank, message, status):
+    """The first failing rank's traceback (from its error file: train_dist.py records an
+    unexpected exception there, whatever the start method), then one line naming the rank, this
+    node and the exception; both printed once, and in LOG_DIR/train.log."""
+    message = message if isinstance(message, dict) else {}
+    callstack = (message.get("extraInfo") or {}).get("py_callstack", "").rstrip()
+    error = message.get("message", "")
+    if status == USAGE_ERROR:
+        what = "a usage or data error: not restarted (its message is above)"
+    elif status > 128:
+        what = f"killed by signal {status - 128}"
+    else:
+        what = error or "failed"
+    line = f"torchrun: rank {rank} on node {local_address()} exited with status {status}: {what}"
+    report = f"{callstack}\n{line}" if callstack else line
+    print(report, flush=True)
+    # LOG_DIR in an image; train_dist.py's own default, logs/, on the host (make train-local).
+    log_dir = setting("LOG_DIR") or "logs"
+    if callstack and os.path.isdir(log_dir):
+        try:
+            with open(os.path.join(log_dir, "train.log"), "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} [{socket.gethostname()} node] {report}\n")
+        except OSError:
+            pass  # printed already: the log folder is a copy
 
 
 def ended_without_this_node():

@@ -30,12 +30,14 @@ of `poll_faster`'s polls) stays.
 
 import functools
 import logging
+import os
 import time
 from datetime import datetime, timedelta
 
 import torch
 from torch.distributed import DistStoreError
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
 from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
@@ -208,6 +210,22 @@ def assign_ranks_between_heartbeats(agent, store, *rest):
     return ORIGINAL["LocalElasticAgent._assign_worker_ranks"](agent, polled, *rest)
 
 
+def add_recorded_failures(agent, worker_group, result):
+    """With START_METHOD=fork, torch reports one failed process of the node: torch.multiprocessing's
+    join raises for the first ended process it looks at, often a rank that failed because its
+    peer had (gloo: "Connection closed by peer"); the cause's error file goes unread. No upstream
+    issue found (searched 2026-12). Changed: every local rank that left an error file is among
+    the failures, so that the node reports the one that failed first (launcher/node.py)."""
+    files = getattr(getattr(agent, "_pcontext", None), "error_files", None) or {}
+    known = {failure.local_rank for failure in result.failures.values()}
+    for worker in worker_group.workers:
+        path = files.get(worker.local_rank)
+        if worker.local_rank in known or not path or not os.path.isfile(path):
+            continue
+        failure = ProcessFailure(local_rank=worker.local_rank, pid=-1, exitcode=1, error_file=path)
+        result.failures[worker.global_rank] = failure
+
+
 def monitor_with_exit_codes(agent, worker_group):
     """torch restarts the workers after any failure, up to --max-restarts, and counts every
     restart (pytorch/pytorch#60910, #108158). Changed: a usage or data error (status 2) is not
@@ -215,6 +233,8 @@ def monitor_with_exit_codes(agent, worker_group):
     (PEER_STOPPED) are a membership change, which torch does not count when a node joins
     either."""
     result = ORIGINAL["LocalElasticAgent._monitor_workers"](agent, worker_group)
+    if result.is_failed():
+        add_recorded_failures(agent, worker_group, result)
     codes = {f.exitcode for f in result.failures.values()} if result.is_failed() else set()
     if USAGE_ERROR in codes:
         agent._remaining_restarts = 0

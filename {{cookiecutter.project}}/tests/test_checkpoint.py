@@ -306,3 +306,56 @@ def test_a_rank_that_does_not_write_its_folder_writes_nothing(tmp_path):
     saver.epoch_done({"loss": 0.5})
     assert list(tmp_path.iterdir()) == []
     assert saver.best_value == 1.0  # every rank knows the best value: they agree on the next
+
+
+def test_a_whole_checkpoint_that_fails_to_load_stops_and_is_not_set_aside(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, 1)
+    newest = checkpoint.save(_state(2), tmp_path, 2)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate")
+
+    monkeypatch.setattr(checkpoint.torch, "load", out_of_memory)
+    with pytest.raises(checkpoint.CheckpointError, match="can't allocate") as error:
+        checkpoint.load_latest(tmp_path)
+    assert str(newest) in str(error.value) and "MEMORY" in str(error.value)
+    assert len(checkpoint.checkpoints(tmp_path)) == 2 and not list(tmp_path.glob("*.corrupt"))
+
+
+def _better(new, old):
+    return new > old  # MODE "max"
+
+
+def test_a_worse_later_epoch_keeps_best_pt_and_each_checkpoint_records_the_best(tmp_path):
+    saver = _saver(tmp_path, every=0)
+    saver.batches.epoch = 0
+    saver.epoch_done({"loss": 0.9}, "val_accuracy", 0.30, _better)
+    first = torch.load(tmp_path / "best.pt", weights_only=True)
+    saver.batches.epoch = 1
+    saver.epoch_done({"loss": 0.8}, "val_accuracy", 0.25, _better)  # worse, no tie
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["best"] == 0.30 and best["metrics"] == {"loss": 0.9}
+    assert torch.equal(best["model"]["classifier.bias"], first["model"]["classifier.bias"])
+    # The epoch's checkpoint counts its own validation: a resume from it knows the best.
+    for name in ("ckpt-epoch0001.pt", "ckpt-epoch0002.pt"):
+        assert torch.load(tmp_path / name, weights_only=True)["best"] == 0.30
+
+
+def test_a_resume_keeps_a_better_best_pt_than_its_checkpoint_records(tmp_path):
+    from {{ cookiecutter.package }} import resuming
+
+    model, optimizer = _model_and_optimizer(0)
+    where = {"epoch": 3, "samples": 0, "seed": 0, "size": 256}
+    # Stopped between the two saves: best.pt (0.1875) is newer than the checkpoint's best.
+    best = checkpoint.state(model, optimizer, where, {}, best=0.1875)
+    checkpoint.write(best, tmp_path / "best.pt")
+    checkpoint.save(checkpoint.state(model, optimizer, where, {}, best=0.125), tmp_path, 3)
+    stepper = SimpleNamespace(optimizer=optimizer, load_state_dict=lambda state: None)
+    common = dict(rank=0, keep=3, seed=0, size=256, samples_per_step=32, better=_better)
+    resumed, _ = resuming.resume(tmp_path, model, stepper, **common)
+    assert resumed.epoch == 3 and resumed.best == 0.1875
+    saver = _saver(tmp_path, every=0)
+    saver.best_value = resumed.best
+    saver.batches.epoch = 3
+    saver.epoch_done({"loss": 0.5}, "val_accuracy", 0.1406, _better)  # the Seen case
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["best"] == 0.1875

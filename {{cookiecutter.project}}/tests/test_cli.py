@@ -140,7 +140,8 @@ def test_a_resume_with_another_seed_is_refused_in_one_line(tmp_path):
     newest = _mid_epoch_checkpoint(tmp_path)
     result = _train(tmp_path, "--epochs", "2", "--seed", "1")
     assert result.returncode == 2
-    said = f"ERROR: {newest} was trained with --seed 0: resume with it, or start afresh\n"
+    said = f"ERROR: {newest} was trained with --seed 0: resume with it, or start afresh "
+    said += "(make fresh-start)\n"
     assert result.stderr == said
 
 
@@ -375,12 +376,16 @@ def test_sigterm_saves_where_it_stopped_and_the_next_run_resumes(tmp_path):
     (tmp_path / "data").mkdir()
     out = _stop_after_first_epoch(_start(tmp_path, sys.executable, "train_dist.py"))
     stopped = re.search(
-        r"stop requested: saved \S+/(ckpt-epoch(\d{4})(-sample(\d+))?\.pt) at epoch (\d+)", out
+        r"stop requested: saved \S+/(ckpt-epoch(\d{4})(-sample(\d+))?\.pt): epoch (\d+) done, "
+        r"(\d+) of 4096 samples into the next",
+        out,
     )
     assert stopped, out
     name, done, samples = stopped.group(1), int(stopped.group(2)), int(stopped.group(4) or 0)
-    epoch = int(stopped.group(5))
-    assert epoch == done + 1 >= 2
+    # The log line counts as the checkpoint's name does: epochs done, samples into the next.
+    assert (int(stopped.group(5)), int(stopped.group(6))) == (done, samples)
+    epoch = done + 1
+    assert epoch >= 2
     assert (tmp_path / "ckpt" / name).exists()
 
     again = _train(tmp_path, "--epochs", str(epoch), "--samples", "4096", "--batch-size", "16")
@@ -394,7 +399,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     process = _start(tmp_path, *TORCHRUN_2, "--record-samples")
     out = _stop_after_first_epoch(process)
     assert process.returncode != 0
-    saved = r"stop requested: saved \S+/ckpt-epoch\d{4}(-sample\d+)?\.pt at epoch (\d+)"
+    saved = r"stop requested: saved \S+/ckpt-epoch\d{4}(-sample\d+)?\.pt: epoch (\d+) done"
     stopped = re.search(saved, out)
     assert stopped, out
     # No rank's traceback; plain torchrun reports the signal it got with one of its own.
@@ -403,7 +408,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     # Each rank recorded the samples it trained. Had one stopped a step after the others, the
     # resume (which starts where rank 0 saved) would train that step's samples again; a step
     # before, never.
-    epoch = int(stopped.group(2))
+    epoch = int(stopped.group(2)) + 1
     again = run(
         *TORCHRUN_2,
         f"--epochs={epoch}",

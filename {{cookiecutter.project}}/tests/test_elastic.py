@@ -56,8 +56,8 @@ def stop_in_epoch(job, tmp_path, epoch):
     wait_for_records(job, tmp_path, epoch)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
-    saved = re.search(r"stop requested: saved \S+ at epoch (\d+), sample (\d+) of \d+", out)
-    assert saved and saved.group(1) == str(epoch) and int(saved.group(2)) > 0, out
+    saved = re.search(r"stop requested: saved \S+: epoch (\d+) done, (\d+) of \d+ samples", out)
+    assert saved and saved.group(1) == str(epoch - 1) and int(saved.group(2)) > 0, out
     return out
 
 
@@ -275,7 +275,7 @@ def test_a_lost_rendezvous_service_stops_every_node_with_one_line_after_a_save(t
         for trace in ("Traceback", "frame #"):
             assert trace not in node.output, node.output
     # Its ranks were stopped, and rank 0 saved where they stopped: a next start loses nothing.
-    assert re.search(r"r0\] stop requested: saved \S+ at epoch 2", rank_0.output), rank_0.output
+    assert re.search(r"r0\] stop requested: saved \S+: epoch 1 done", rank_0.output), rank_0.output
 
 
 def test_a_node_that_joins_a_running_job_is_taken_in_and_each_sample_trained_once(tmp_path):

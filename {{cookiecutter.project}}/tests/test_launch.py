@@ -168,7 +168,8 @@ def test_a_full_disk_during_a_save_stops_every_rank_with_one_line_and_no_restart
     stdout, _ = node.communicate(timeout=300)
     assert node.returncode == 2, stdout
     assert stdout.count("ERROR: ") == 1, stdout
-    assert f"ERROR: cannot write checkpoint {tmp_path}/ckpt/ckpt-epoch0001.pt: " in stdout
+    # The first save of the job: best.pt, written before the epoch's checkpoint at its end.
+    assert f"ERROR: cannot write checkpoint {tmp_path}/ckpt/best.pt: " in stdout
     assert "Traceback" not in stdout
     assert stdout.count("world size 2") == 1, stdout  # one run: a status 2 is not restarted
     assert not list((tmp_path / "ckpt").iterdir())  # no partial file left behind
@@ -473,3 +474,50 @@ def test_a_restart_reads_the_status_its_last_run_wrote(tmp_path, written, status
     assert launcher_node.last_status(str(marker)) == status
     assert marker.exists()
     assert launcher_node.last_status("") is None  # no marker set: never a restart
+
+
+# A task whose step fails on rank 1 after its first optimizer step: a bug nobody checked for.
+FAILS_LATER = """
+import importlib.util
+import os
+
+spec = importlib.util.spec_from_file_location("the_default_task", "@TASK@")
+base = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(base)
+add_arguments, datasets, model, optimizer = (
+    base.add_arguments, base.datasets, base.model, base.optimizer
+)
+calls = 0
+
+
+def step(model, batch):
+    global calls
+    calls += 1
+    if calls == 3 and os.environ["RANK"] == "1":
+        raise ValueError("boom in the third batch")
+    return base.step(model, batch)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_rank_that_fails_has_its_traceback_printed_once_by_the_node_and_logged(tmp_path, method):
+    (tmp_path / "fails_later.py").write_text(FAILS_LATER.replace("@TASK@", str(ROOT / "task.py")))
+    folders = f"--data-dir {tmp_path} --checkpoint-dir {tmp_path / 'ckpt'} --log-dir {tmp_path}"
+    result = launch(
+        tmp_path,
+        SCRIPT=str(ROOT / "train_dist.py"),
+        ARGS=f"--task {tmp_path / 'fails_later.py'} --samples 256 --batch-size 16 {folders}",
+        START_METHOD=method,
+        LOG_DIR=str(tmp_path),
+    )
+    assert result.returncode == 1, result.stdout
+    out = result.stdout
+    assert out.count("Traceback") == 1 and out.count("ValueError: boom in the third batch") == 2
+    assert re.search(r'fails_later.py", line \d+, in step\n +raise ValueError', out), out
+    summary = out.strip().splitlines()[-1]
+    assert summary == (
+        "torchrun: rank 1 on node 127.0.0.1 exited with status 1: "
+        "ValueError: boom in the third batch"
+    ), out
+    log = (tmp_path / "train.log").read_text()
+    assert "Traceback" in log and summary in log

@@ -226,3 +226,49 @@ def test_a_node_dropped_from_its_round_counts_as_waiting_and_rejoins(patches):
         assert node.members  # it was in a round: the check applies
     finally:
         handler.shutdown()
+
+
+def _fails(local_rank, error_file):
+    """A worker that records its failure in its error file, as train_dist.py does, and exits 1."""
+    import json
+    import sys
+
+    with open(error_file, "w") as f:
+        extra = {"timestamp": str(int(time.time())), "time": time.time()}
+        json.dump({"message": {"message": f"ValueError: rank {local_rank}", "extraInfo": extra}}, f)
+    sys.exit(1)
+
+
+def test_fork_reports_one_failed_process_and_the_others_error_files_stay_unread(tmp_path, patches):
+    """add_recorded_failures relies on it (effect: test_launch.py, a rank's traceback)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+    envs = {rank: {"LOCAL_RANK": str(rank)} for rank in range(2)}
+    context = start_processes(
+        name="fails",
+        entrypoint=_fails,
+        args={rank: (rank, str(tmp_path / f"{rank}.json")) for rank in range(2)},
+        envs=envs,
+        logs_specs=DefaultLogsSpecs(log_dir=str(tmp_path / "logs")),
+        start_method="fork",
+    )
+    try:
+        time.sleep(2)  # both have failed when torch looks
+        result = context.wait(0)
+        assert result.is_failed() and len(result.failures) == 1  # the behaviour patched
+        assert sorted(context.error_files) == [0, 1]  # where each worker's error file is
+    finally:
+        context.close()
+    # The patch: both failures, each with its own error file's message.
+    for rank in range(2):
+        os.replace(tmp_path / f"{rank}.json", context.error_files[rank])
+    agent = SimpleNamespace(_pcontext=context)
+    workers = [SimpleNamespace(local_rank=r, global_rank=4 + r) for r in range(2)]
+    # The agent's result names workers by global rank (this node's ranks are 4 and 5).
+    reported = SimpleNamespace(failures={4 + r: f for r, f in result.failures.items()})
+    patches.add_recorded_failures(agent, SimpleNamespace(workers=workers), reported)
+    assert sorted(reported.failures) == [4, 5]
+    added = next(f for rank, f in reported.failures.items() if rank - 4 not in result.failures)
+    assert added.message["message"] == f"ValueError: rank {added.local_rank}"

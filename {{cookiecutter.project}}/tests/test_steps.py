@@ -159,3 +159,34 @@ def test_the_stop_vote_holds_no_rank_up_and_every_rank_stops_at_the_same_call():
         mp.spawn(_vote, args=(os.path.join(folder, "store"), folder), nprocs=2)
         answers = [Path(folder, f"rank {rank}").read_text() for rank in (0, 1)]
     assert answers == ["False True", "False True"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_steps_matmuls_run_in_the_chosen_precision(precision, dtype):
+    x, y = _data()
+    model, seen = _model(), []
+
+    class Recording:
+        @staticmethod
+        def step(model, batch):
+            out = model(batch[0])
+            seen.append(out.dtype)
+            return out.float().squeeze(1).sub(batch[1]).pow(2).mean(), {}
+
+    stepper = Stepper(torch.optim.SGD(model.parameters(), lr=0.1), CPU, precision=precision)
+    stepper.backward(model, Recording, (x, y), 1.0, last=True)
+    assert seen == [dtype]
+
+
+def test_at_batch_size_1_each_epoch_draws_anew_and_a_resume_draws_the_same():
+    def draws(loader, batches, epoch, consumed=0):
+        batches.set_epoch(epoch, consumed)
+        return {int(ids): batch[0, 1].item() for batch, ids in loader}
+
+    loader, batches = make_loader(Noisy(), 1, rank=0, world_size=1, seed=5)
+    first, second = draws(loader, batches, 0), draws(loader, batches, 1)
+    assert sorted(first) == sorted(second) == list(range(24))
+    assert all(first[i] != second[i] for i in first)  # a new crop and flip every epoch
+    again, batches = make_loader(Noisy(), 1, rank=0, world_size=1, seed=5, workers=2)
+    resumed = draws(again, batches, 1, consumed=8)  # epoch 2, 8 samples in
+    assert len(resumed) == 16 and resumed == {i: second[i] for i in resumed}

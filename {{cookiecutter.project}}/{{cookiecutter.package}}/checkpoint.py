@@ -2,9 +2,10 @@
 
 A reader never sees a half-written file under the final name. A failed write (a full disk)
 leaves the previous checkpoint as it was and stops the job with a message (WriteError, status
-2). A file that is truncated or corrupt is moved aside, never deleted, so the one before it is
-used and the bad one can be inspected. Any other failure to load (a read error, an object in the
-state that torch.load(weights_only=True) refuses) stops the job with a message: going back to an
+2). A damaged file (truncated, or a record that fails its CRC) is moved aside, never deleted, so
+the one before it is used and the bad one can be inspected. Any other failure to load (a read
+error, memory, an object in the state that torch.load(weights_only=True) refuses, weights that do
+not fit the task's model) stops the job with a message and changes no file: going back to an
 older checkpoint, or to none, would silently undo training.
 
 Names: ckpt-epoch0003.pt after 3 complete epochs; ckpt-epoch0003-sample00002560.pt when the job
@@ -178,14 +179,40 @@ def restore(state, model, optimizer, samples_per_step) -> Resumed:
     """
     if state is None:
         return Resumed()
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        # Another model or optimizer than the one that trained it (another --hidden, a layer
+        # more): a restart would fail the same way.
+        lines = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()]
+        if lines and lines[0].startswith("Error(s) in loading"):
+            lines = lines[1:]  # torch's heading; the lines below it say what differs
+        detail = "; ".join(lines[:2]) + ("; ..." if len(lines) > 2 else "")
+        raise CheckpointError(
+            f"the checkpoint does not fit the task's model or optimizer ({detail}): it was "
+            "trained with other settings or another model. Start afresh (make fresh-start), or "
+            "point --checkpoint-dir elsewhere"
+        ) from None
     metrics = state.get("metrics")
     if "metrics" not in state and state.get("loss") is not None:
         metrics = {"loss": state["loss"], "accuracy": state["accuracy"]}
     samples = state.get("samples", state.get("step", 0) * samples_per_step)
     best, size = state.get("best"), state.get("size")
     return Resumed(state["epoch"], samples, state.get("seed"), metrics, best, size)
+
+
+def best_value(directory):
+    """The monitored value best.pt was saved for, or None (no best.pt, or one that does not
+    load). Memory-mapped: only the record of numbers is read, not the weights."""
+    path = Path(directory) / BEST
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
+    except Exception as err:  # noqa: BLE001 - a best.pt that does not load holds no best
+        log.warning("%s does not load (%s): the next better value replaces it", path, err)
+        return None
 
 
 def load_latest(directory):
@@ -207,38 +234,50 @@ def newest(directory):
     for path in reversed(checkpoints(directory)):
         try:
             data = path.read_bytes()
-            return decode(data), path, data
         except OSError as err:
             raise CheckpointError(
                 f"cannot read {path} ({err.strerror or err}): fix the file or its folder "
                 "(permissions, the disk), or move it away to resume from the one before"
             ) from None
-        except pickle.UnpicklingError as err:
-            # A whole archive that the safe unpickler refuses: not damage but a state that
-            # holds an object of a class torch does not allow by default.
-            if _whole_archive(path):
-                reason = next(
-                    (line.strip() for line in str(err).splitlines() if "Unsupported" in line), ""
-                )
-                raise CheckpointError(
-                    f"{path} holds an object that torch.load(weights_only=True) refuses"
-                    f"{': ' + reason.split('. Please')[0] if reason else ''}. Keep tensors, "
-                    "numbers, strings, lists and dicts in the state (state_dict() of the "
-                    "object), or allow the class in the task with "
-                    "torch.serialization.add_safe_globals([...])"
-                ) from None
-            _set_aside(path, err)
-        except Exception as err:  # noqa: BLE001 - truncated or damaged: the zip or pickle format
-            _set_aside(path, err)
+        try:
+            return decode(data), path, data
+        except Exception as err:  # noqa: BLE001 - which of them, the archive itself says
+            if not _whole_archive(data):  # truncated or damaged: the one before is used
+                _set_aside(path, err)
+                continue
+            # Whole, yet it does not load: memory, or an object the safe unpickler refuses.
+            # Going back to an older checkpoint would silently undo training: stop, change
+            # nothing.
+            raise CheckpointError(f"{path} does not load: {_load_failure(err)}") from None
     return None, None, None
 
 
-def _whole_archive(path):
+def _load_failure(err):
+    """Why a whole checkpoint did not load, and what to do, in one line."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        reason = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        return (
+            "it holds an object that torch.load(weights_only=True) refuses"
+            f"{': ' + reason.split('. Please')[0] if reason else ''}. Keep tensors, numbers, "
+            "strings, lists and dicts in the state (state_dict() of the object), or allow the "
+            "class in the task with torch.serialization.add_safe_globals([...])"
+        )
+    first = text.splitlines()[0] if text else type(err).__name__
+    if isinstance(err, MemoryError) or "alloc" in text.lower():
+        return f"{first}. Give the node more memory (MEMORY) and start again; nothing was changed"
+    return f"{type(err).__name__}: {first}. Nothing was changed"
+
+
+def _whole_archive(data: bytes):
+    """Whether a checkpoint's bytes are a zip archive whose every record matches its CRC."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, EOFError):
         return False
+    except MemoryError:
+        return True  # cannot tell: never set a checkpoint aside on a guess
 
 
 def _set_aside(path, err):
@@ -265,8 +304,14 @@ class Saver:
         # it); one of several writers may wait for another still writing.
         self.enabled, self.slow = enabled, enabled and alone
 
-    def epoch_done(self, metrics):
+    def epoch_done(self, metrics, name=None, value=None, better=None):
+        """The epoch's checkpoint, after best.pt if the epoch's `value` of `name` improved on
+        the best so far: so the checkpoint records the best with this epoch counted, and a stop
+        between the two saves leaves best.pt ahead (resuming.resume reads its value), never
+        behind."""
         self.metrics = metrics
+        if value is not None:
+            self.validated(name, value, better)
         self._save(self.batches.position())
 
     def midway(self, steps):
@@ -277,18 +322,19 @@ class Saver:
         where = self.batches.position(steps)
         path = self._save(where)
         if path:
-            size = self.batches.size
+            # Counted as the checkpoint's name counts: epochs done, samples into the next.
             log.info(
-                "stop requested: saved %s at epoch %d, sample %d of %d",
+                "stop requested: saved %s: epoch %d done, %d of %d samples into the next",
                 path,
-                where["epoch"] + 1,
+                where["epoch"],
                 where["samples"],
-                size,
+                self.batches.size,
             )
 
     def validated(self, name, value, better, steps=None):
         """Keep the state as best.pt if `value` of metric `name` is better than the best so far
-        (`better(new, old)`)."""
+        (`better(new, old)`; a tie keeps the earlier one). Into an epoch, call it before
+        midway(steps), so that a checkpoint of the same step records this value."""
         if self.best_value is not None and not better(value, self.best_value):
             return
         self.best_value = value

@@ -14,9 +14,10 @@ Validation deals a dataset's indices over the ranks once, without padding: every
 evaluated exactly once.
 
 Randomness in the data (augmentation) and in the model (dropout) is seeded from what is being
-trained: each batch from the run's seed and its sample ids, where it is loaded (this process or
-a DataLoader worker), each training step from the seed, the rank and the position. So a resumed
-job draws what the uninterrupted one drew, with no random state in checkpoints.
+trained: each batch from the run's seed, the epoch and its sample ids, where it is loaded (this
+process or a DataLoader worker), so that a sample is augmented anew each epoch; each training step
+from the seed, the rank and the position. So a resumed job draws what the uninterrupted one drew,
+with no random state in checkpoints.
 """
 
 import os
@@ -46,10 +47,19 @@ def seed_all(*parts):
         torch.cuda.manual_seed(seed)
 
 
+class Draw(list):
+    """A training batch's indices, and the epoch they are drawn for: what seeds its loading.
+    Sent as it is to a DataLoader worker (a list that pickles with its epoch)."""
+
+    def __init__(self, indices, epoch):
+        super().__init__(indices)
+        self.epoch = epoch
+
+
 class WithIds(Dataset):
     """(id, sample) for each index: the ids that exactly-once needs, outside the task's dataset.
     PAD stands in for a sample (the first one). A batch is loaded with the generators seeded
-    from the run's seed and its ids."""
+    from the run's seed, its epoch (a Draw's; 0 for validation) and its ids."""
 
     def __init__(self, dataset, seed=0):
         self.dataset, self.seed = dataset, seed
@@ -61,7 +71,7 @@ class WithIds(Dataset):
         return index, self.dataset[max(index, 0)]
 
     def __getitems__(self, indices):
-        seed_all(self.seed, *indices)
+        seed_all(self.seed, getattr(indices, "epoch", 0), *indices)
         return [self[index] for index in indices]
 
 
@@ -138,7 +148,7 @@ class EpochBatches:
             mine = step[self.rank :: self.world_size]
             # Every rank gets a batch of the same size: DDP needs every rank in every step.
             width = -(-len(step) // self.world_size)
-            yield mine + [PAD] * (width - len(mine))
+            yield Draw(mine + [PAD] * (width - len(mine)), self.epoch)
 
     def position(self, steps=None):
         """Where training stands after `steps` more steps of this epoch (None: at its end), as

@@ -124,21 +124,6 @@ def gather_ints(values):
     return [row.tolist() for row in everyone]
 
 
-def any_rank(flag, group=None, timeout=None):
-    """True on every rank as soon as `flag` is true on one of them; on the control group unless
-    told, and waiting at most `timeout` (a timedelta) if one is given."""
-    if not dist.is_initialized():
-        return bool(flag)
-    group = _control if group is None else group
-    votes = torch.tensor([int(flag)])
-    vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group, async_op=True)
-    if timeout:
-        vote.wait(timeout)
-    else:
-        vote.wait()
-    return bool(votes.item())
-
-
 def gather(obj):
     """Every rank's `obj` (numbers, strings, lists and dicts: JSON), in rank order, on every rank.
     JSON, not pickle: a peer's message is data, never code (docs/security.md)."""
@@ -166,24 +151,46 @@ def wait_for_all():
 
 
 @contextmanager
-def fail_together(slow=False):
-    """A UsageError (missing data, an unwritable folder) on one rank stops every rank with it.
+def fail_together(slow=False, once=False):
+    """A UsageError (missing data, an unwritable folder, a mistake in the task) on one rank
+    stops every rank with it.
 
     The others would otherwise wait in their next collective until it times out, and torchrun
-    would restart a job that cannot succeed. Only the rank that found the problem reports it.
-    Ranks wait for each other's block under --checkpoint-timeout (data to load, a checkpoint to
-    read or write); a rank whose block is `slow` (one writing a checkpoint) waits for the others
-    only under --timeout, since they were waiting already: a peer that hung meanwhile ends the
-    job as soon as in a training step.
+    would restart a job that cannot succeed. Only the ranks that found the problem report it;
+    `once`: only the lowest of them (a mistake in the task, which every rank finds alike; a
+    folder missing on a machine is said by each machine that lacks it). Ranks wait for each
+    other's block under --checkpoint-timeout (data to load, a checkpoint to read or write); a
+    rank whose block is `slow` (one writing a checkpoint) waits for the others only under
+    --timeout, since they were waiting already: a peer that hung meanwhile ends the job as soon
+    as in a training step.
     """
     timeout = _timeout if dist.is_initialized() and slow else None
     try:
         yield
-    except UsageError:
-        any_rank(True, _waiting, timeout)
+    except UsageError as err:
+        if not dist.is_initialized():
+            raise
+        # Votes: 0 no error, 1 an error without a message, and above that one per rank with a
+        # message, the highest for the lowest rank.
+        mine = 2 + dist.get_world_size() - dist.get_rank() if str(err) else 1
+        if _max_vote(mine, timeout) != mine and once:
+            raise UsageError("") from None
         raise
-    if any_rank(False, _waiting, timeout):
+    if _max_vote(0, timeout):
         raise UsageError("")
+
+
+def _max_vote(value, timeout):
+    """The largest of every rank's `value`, on the waiting group (at most `timeout`)."""
+    if not dist.is_initialized():
+        return value
+    votes = torch.tensor([value])
+    vote = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_waiting, async_op=True)
+    if timeout:
+        vote.wait(timeout)
+    else:
+        vote.wait()
+    return int(votes.item())
 
 
 class GracefulStop:

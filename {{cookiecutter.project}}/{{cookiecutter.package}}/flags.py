@@ -23,56 +23,80 @@ def task_name(argv=None):
     return p.parse_known_args(argv)[0].task
 
 
+class ShowingDefaults:
+    """An argument group whose flags show their default in --help even without help text."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def add_argument(self, *names, **options):
+        options.setdefault("help", "(default: %(default)s)")
+        return self.group.add_argument(*names, **options)
+
+    def __getattr__(self, name):  # set_defaults, add_mutually_exclusive_group, ...
+        return getattr(self.group, name)
+
+
 def parse_args(argv=None, task=None):
     task = task or task_loader.load(task_name(argv), ROOT)
-    p = argparse.ArgumentParser(description=DESCRIPTION)
+    # Every flag shows its default, the task's own (its set_defaults) included.
+    p = argparse.ArgumentParser(
+        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument(
         "--task",
         default=task.name,
-        help="the task: a file relative to this folder (default: TASK, else %(default)s)",
+        help="the task: a file relative to this folder (TASK, else task.py)",
     )
-    p.add_argument("--epochs", type=positive(int), default=3, help="total epochs (default 3)")
-    p.add_argument("--batch-size", type=positive(int), default=64, help="per process (default 64)")
-    p.add_argument("--lr", type=positive(float), default=0.05, help="learning rate (the task's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"))
-    p.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR", "checkpoints"))
-    p.add_argument("--log-dir", default=os.environ.get("LOG_DIR", "logs"))
+    p.add_argument("--epochs", type=positive(int), default=3, help="total epochs")
+    p.add_argument("--batch-size", type=positive(int), default=64, help="batch size per process")
+    p.add_argument(
+        "--lr", type=positive(float), default=0.05, help="learning rate (a task may set its own)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="what orders the epochs and seeds the data")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="DATA_DIR")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=os.environ.get("CHECKPOINT_DIR", "checkpoints"),
+        help="CHECKPOINT_DIR",
+    )
+    p.add_argument("--log-dir", default=os.environ.get("LOG_DIR", "logs"), help="LOG_DIR")
     p.add_argument("--keep", type=positive(int), default=3, help="checkpoints to keep")
     p.add_argument(
         "--save-every-steps",
         type=int,
         default=500,
         help="also save every N steps into an epoch: a kill loses at most N steps (0: only at "
-        "epoch ends and stops; default 500)",
+        "epoch ends and stops)",
     )
     p.add_argument(
         "--val-every-steps",
         type=int,
         default=0,
-        help="also validate every N steps into an epoch (0: at epoch ends only; default 0)",
+        help="also validate every N steps into an epoch (0: at epoch ends only)",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=default_workers(),
-        help="DataLoader worker processes (default: half the CPUs of a process, up to 4: "
-        "%(default)s here)",
+        help="DataLoader worker processes (half the CPUs of a process, up to 4)",
     )
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=default_backend())
+    p.add_argument(
+        "--backend", choices=["gloo", "nccl"], default=default_backend(), help="DDP_BACKEND"
+    )
     loop = p.add_argument_group("the training step (checkpoints keep what each needs)")
     loop.add_argument(
         "--precision",
         choices=list(PRECISIONS),
         default="fp32",
-        help="fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler); default fp32",
+        help="fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler)",
     )
     loop.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # --precision bf16
     loop.add_argument(
         "--accum-steps",
         type=positive(int),
         default=1,
-        help="batches per optimizer step (gradient accumulation); default 1",
+        help="batches per optimizer step (gradient accumulation)",
     )
     loop.add_argument(
         "--clip-grad-norm", type=float, default=0.0, help="clip gradients to this norm (0: off)"
@@ -93,7 +117,7 @@ def parse_args(argv=None, task=None):
         "--weight-decay",
         type=float,
         default=0.0,
-        help="weight decay, not on biases and norms (the task's optimizer applies it; default 0)",
+        help="weight decay, not on biases and norms (the task's optimizer applies it)",
     )
     loop.add_argument("--compile", action="store_true", help="torch.compile the model")
     loop.add_argument(
@@ -105,7 +129,7 @@ def parse_args(argv=None, task=None):
         "--progress-every",
         type=float,
         default=30,
-        help="without a terminal, log progress every N seconds (0: never; default 30)",
+        help="without a terminal, log progress every N seconds (0: never)",
     )
     p.add_argument(
         "--record-samples",
@@ -117,9 +141,9 @@ def parse_args(argv=None, task=None):
         ("--checkpoint-timeout", 1800, "the ranks wait for a checkpoint to be read or written"),
     )
     for flag, seconds, what in waits:
-        help = f"seconds {what} (default %(default)s)"
+        help = f"seconds {what}"
         p.add_argument(flag, type=positive(int), metavar="SECONDS", default=seconds, help=help)
-    task.add_arguments(p.add_argument_group(f"the task's own ({task.name})"))
+    task.add_arguments(ShowingDefaults(p.add_argument_group(f"the task's own ({task.name})")))
     if env_rank() > 0:
         # Every rank gets the same arguments: rank 0 alone prints the usage.
         p.error = lambda message: sys.exit(2)

@@ -31,7 +31,8 @@ from {{ cookiecutter.package }}.errors import UsageError
 log = logging.getLogger(__name__)
 MID_EPOCH = (
     "it stopped mid-epoch, and only the same set can finish that epoch with each sample once."
-    " Resume with the same data (and --samples), or start afresh (another --checkpoint-dir)"
+    " Resume with the same data (and --samples), or start afresh (make fresh-start, or another"
+    " --checkpoint-dir)"
 )
 
 
@@ -137,18 +138,29 @@ def decode(data, whose):
         ) from None
 
 
-def resume(directory, model, stepper, *, rank, keep, seed, size, samples_per_step):
+def resume(directory, model, stepper, *, rank, keep, seed, size, samples_per_step, better):
     """Find which ranks write which folders, agree on the newest checkpoint, load it into every
     rank's model and step; refuse one that this job cannot go on from (another --seed, or
-    another training set mid-epoch); return (where to go on from: Resumed, this rank's Folder)."""
+    another training set mid-epoch, or another model); return (where to go on from: Resumed,
+    this rank's Folder). The best value so far is best.pt's where that is better than the
+    checkpoint's (a stop between the two saves): `better(new, old)`."""
     folder = find_folders(directory)
     state, path, whose = agree(directory, folder, keep, rank)
-    resumed = checkpoint.restore(state, model, stepper.optimizer, samples_per_step)
-    stepper.load_state_dict(state)
-    distributed.wait_for_all()  # every rank has unpacked the checkpoint
+    with distributed.fail_together(once=True):
+        try:
+            resumed = checkpoint.restore(state, model, stepper.optimizer, samples_per_step)
+        except CheckpointError as err:  # every rank finds it: rank 0 says it
+            raise CheckpointError(f"{path}: {err}" if rank == 0 else "") from None
+        stepper.load_state_dict(state)
+        kept = checkpoint.best_value(directory)  # the agreed best.pt is in every folder now
+    if kept is not None and (resumed.best is None or better(kept, resumed.best)):
+        resumed = checkpoint.Resumed(*resumed[:4], best=kept, size=resumed.size)
     if resumed.seed not in (None, seed):
         # The epoch's order comes from the seed: another one would train some samples twice.
-        message = f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh"
+        message = (
+            f"{path} was trained with --seed {resumed.seed}: resume with it, or start afresh "
+            "(make fresh-start)"
+        )
         raise UsageError(message if rank == 0 else "")
     if resumed.size not in (None, size):
         changed = f"{path} was trained on {resumed.size} samples an epoch; there are {size}"

@@ -25,9 +25,11 @@ def load(spec, root):
     if missing:
         contract = f"the contract is at the top of {DEFAULT}"
         raise UsageError(f"TASK {spec} defines no {', '.join(missing)}: {contract}")
-    monitor, mode = getattr(module, "MONITOR", "loss"), getattr(module, "MODE", "min")
+    written, mode = getattr(module, "MONITOR", "loss"), getattr(module, "MODE", "min")
     if mode not in ("min", "max"):
         raise UsageError(f"TASK {spec}: MODE must be 'min' or 'max', got {mode!r}")
+    if not isinstance(written, str) or not written.removeprefix("val_"):
+        raise UsageError(f"TASK {spec}: MONITOR must name a validation metric, got {written!r}")
     return SimpleNamespace(
         name=spec,
         datasets=module.datasets,
@@ -37,7 +39,9 @@ def load(spec, root):
         add_arguments=getattr(module, "add_arguments", lambda parser: None),
         collate=getattr(module, "collate", default_collate),
         summarize=getattr(module, "summarize", means),
-        monitor=monitor,
+        # The name summarize() gives it; MONITOR may say it as logged (val_accuracy) too.
+        monitor=written.removeprefix("val_"),
+        monitor_written=written,
         better=(lambda new, old: new < old) if mode == "min" else (lambda new, old: new > old),
     )
 

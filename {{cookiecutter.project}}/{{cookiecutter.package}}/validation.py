@@ -8,6 +8,7 @@ from {{ cookiecutter.package }}.errors import UsageError
 from {{ cookiecutter.package }}.health import beating
 from {{ cookiecutter.package }}.metrics import Sums
 from {{ cookiecutter.package }}.steps import to_device
+from {{ cookiecutter.package }}.task_check import check_monitor
 
 
 class Validator:
@@ -30,8 +31,12 @@ class Validator:
             return {}
         values = evaluate(self.model, self.loader, self.task, self.stepper)
         if f"val_{self.task.monitor}" not in values:
-            message = f"the task's MONITOR {self.task.monitor!r} is not one of {sorted(values)}"
-            raise UsageError(message if distributed.env_rank() <= 0 else "")
+            # Checked on the first batch already (task_check.py): a summarize() whose names
+            # change between calls.
+            try:
+                check_monitor(self.task, {name.removeprefix("val_"): 0 for name in values})
+            except UsageError as err:
+                raise UsageError(str(err) if distributed.env_rank() <= 0 else "") from None
         return values
 
 
