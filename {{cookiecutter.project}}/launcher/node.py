@@ -288,12 +288,15 @@ def first_failure(failures):
     """(rank, its error file's message or {}, status) of the rank that failed first, among
     torch's failures (every local rank that left an error file: launcher/patches.py), by the
     time train_dist.py records to the microsecond (torch keeps whole seconds, and the peer of a
-    failed rank fails within the same one)."""
+    failed rank fails within the same one). A SignalException is never the cause: it is torch's
+    agent ending the other ranks after the first failure (CI saw one named as the cause once)."""
 
     def when(item):
         rank, failure = item
-        extra = failure.message.get("extraInfo") or {} if isinstance(failure.message, dict) else {}
-        return float(extra.get("time", failure.timestamp)), rank
+        message = failure.message if isinstance(failure.message, dict) else {}
+        extra = message.get("extraInfo") or {}
+        stopped = str(message.get("message", "")).startswith("SignalException")
+        return stopped, float(extra.get("time", failure.timestamp)), rank
 
     rank, failure = min(failures.items(), key=when)
     message = failure.message if isinstance(failure.message, dict) else {}

@@ -521,3 +521,21 @@ def test_a_rank_that_fails_has_its_traceback_printed_once_by_the_node_and_logged
     ), out
     log = (tmp_path / "train.log").read_text()
     assert "Traceback" in log and summary in log
+
+
+def test_the_first_failure_is_the_earliest_recorded_and_never_the_agents_own_stop():
+    from types import SimpleNamespace
+
+    def failure(text, when, exitcode=1):
+        extra = {"time": when, "py_callstack": f"Traceback\n{text}"}
+        return SimpleNamespace(
+            message={"message": text, "extraInfo": extra}, timestamp=int(when), exitcode=exitcode
+        )
+
+    failures = {
+        0: failure("RuntimeError: Connection closed by peer", 100.30),
+        1: failure("ValueError: boom", 100.20),
+        2: failure("SignalException: Process 7 got signal: 15", 100.10),
+    }
+    rank, message, status = launcher_node.first_failure(failures)
+    assert (rank, message["message"], status) == (1, "ValueError: boom", 1)
