@@ -296,9 +296,12 @@ def bench_elastic(results):
     scale NODES=3` and a `make scale NODES=2` to rank 0 resuming at the new world size, in one
     3-node `make up` each run."""
     seconds = {"kill": [], "leave": [], "scale_up": [], "scale_down": []}
+    repeated = []  # samples trained twice in a run: its one kill's (the other events repeat none)
     args = "--epochs 16 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
+    args += " --log-dir /logs/bench --record-samples"
     for _ in range(REPEAT):
-        shutil.rmtree(PROJECT / "checkpoints" / "bench", ignore_errors=True)
+        for folder in ("checkpoints/bench", "logs/bench"):
+            shutil.rmtree(PROJECT / folder, ignore_errors=True)
         up = Lines(["make", "up", "NODES=3", f"ARGS={args}", f"ENV_IMAGE={ENV_IMAGE}"])
         up.wait_for(r"epoch 1/16")
         for key, command, size in (
@@ -315,7 +318,10 @@ def bench_elastic(results):
             seconds[key].append(up.wait_for(r"resumed from") - asked)  # the next step trains
         if up.finish() != 0:
             sys.exit(f"bench: make up failed:\n{''.join(line for _, line in up.lines)[-3000:]}")
+        report = run(["make", "samples-report", "SAMPLES_DIR=logs/bench/samples"], check=False)
+        repeated.append(sum(int(n) for n in re.findall(r"(\d+) repeated", report.stdout)))
     results["elastic_s"] = {key: spread(values) for key, values in seconds.items()}
+    results["elastic_repeated_per_kill"] = spread(repeated)
 
 
 def holding_rank_0():

@@ -99,13 +99,16 @@ def write_report(r, folder):
     elastic = r.get("elastic_s", {})
     again = "to training again on 2 nodes (3-node job)"
     for name, label, target in (
-        ("kill", f"`docker kill` of rank 0's node {again}", "< 6"),
+        ("kill", f"`docker kill` of rank 0's node {again}", "< 3"),
         ("leave", f"`docker stop` of rank 0's node {again}", "< 10"),
-        ("scale_up", "`make scale NODES=3` to training on 3 nodes (from 2)", ""),
+        ("scale_up", "`make scale NODES=3` to training on 3 nodes (from 2)", "< 5"),
         ("scale_down", "`make scale NODES=2` to training on 2 nodes (from 3)", ""),
     ):
         if name in elastic:
             rows.append(f"| {label} (s) | {_fmt(elastic[name])} | {target} |")
+    if "elastic_repeated_per_kill" in r:
+        repeated = _fmt(r["elastic_repeated_per_kill"])
+        rows.append(f"| samples trained twice for that kill (no periodic save) | {repeated} | 0 |")
     peer = r.get("torchx", {})
     for way, label in (
         ("make_up", "`make up`"),

@@ -49,6 +49,7 @@ def test_the_launcher_is_a_package_every_engine_runs_and_docker_holds_no_python(
         "settings.py",
         "patches.py",
         "rendezvous.py",
+        "roll.py",
     }
     assert 'CMD ["python", "-m", "launcher"]' in (root / "Dockerfile").read_text()
     makefile = (root / "Makefile").read_text()

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import closing
+from contextlib import contextmanager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -64,8 +64,8 @@ def train(args, task, stop):
     validator = Validator(model, val, task, stepper, every=args.val_every_steps * args.accum_steps)
     best, metrics = f"val_{task.monitor}", resumed.metrics
     first_batch = task_check.FirstBatch(model, task, stepper, validates=val is not None)
-    records = SampleLog(args.log_dir, ranks.rank, enabled=args.record_samples)
-    with stop, closing(MetricsLog(args.log_dir, enabled=master_process)) as metrics_log, records:
+    records = SampleLog(args.log_dir, ranks.rank, args.record_samples, round_token=folder.round)
+    with stop, MetricsLog(args.log_dir, master_process) as metrics_log, rescuing(saver, records):
         for epoch in range(resumed.epoch, args.epochs):
             batches.set_epoch(epoch, resumed.samples if epoch == resumed.epoch else 0)
             records.start(epoch, batches.size)
@@ -74,6 +74,7 @@ def train(args, task, stop):
             shown = first_batch.wrap(shown)  # the task's first step, checked (task_check.py)
             for steps, ids in stepper.train(net, shown, batches, task, stop=stop, sums=sums):
                 records.add(ids)
+                saver.trained(steps)
                 if validator.due(steps):
                     values, trained = validator.run(), batches.trained(steps)
                     metrics_log.midway(trained / batches.size, args.epochs, values, trained)
@@ -152,6 +153,21 @@ def load_model(args, task, ranks, train_size):
             raise UsageError(NO_COMPILER if ranks.rank == 0 else "")
         net = torch.compile(net)
     return model, net, stepper, resumed, folder
+
+
+@contextmanager
+def rescuing(saver, records):
+    """The sample records of this start, closed at its end; a failure in the loop (a lost peer,
+    most often) saves the last optimizer step this rank finished before it ends the process,
+    and the next round goes on from there (Saver.rescue)."""
+    with records:
+        try:
+            yield
+        except UsageError:
+            raise
+        except Exception:
+            saver.rescue(records)
+            raise
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
-"""Nodes that stop, leave, join and fail train every sample exactly once (at least once where
-one was killed), in containers.
+"""Nodes that stop, leave, join, fail and are killed train every sample exactly once, in
+containers.
 
 Replaced here: the conda env stage only (the runtime stage is built on the stand-in env image,
 see scripts/standin-image.sh).
@@ -97,15 +97,14 @@ def test_chaos_ends_with_the_job_done_and_every_sample_trained(project):
     out = project.make("chaos", "NODES=3", "CHAOS_SECONDS=45", "CHAOS_SEED=2").stdout
     summary = re.search(
         r"chaos: seed 2, \d+ events \((\d+) stop, (\d+) stop rank 0, (\d+) kill, (\d+) kill rank 0,"
-        r" (\d+) scale\), make up exited 0; \d+ epochs of \d+ samples: 0 missing, (\d+) repeated"
-        r" \(at most (\d+) a kill\); the last checkpoint loads: yes",
+        r" (\d+) scale\), make up exited 0; \d+ epochs of \d+ samples: 0 missing, 0 repeated;"
+        r" the last checkpoint loads: yes",
         out,
     )
     assert summary, out[-4000:]
-    stops, rank0_stops, kills, rank0_kills, scales, repeated, bound = map(int, summary.groups())
+    stops, rank0_stops, kills, rank0_kills, scales = map(int, summary.groups())
     assert stops + rank0_stops >= 1 and kills + rank0_kills >= 1 and scales >= 1, summary.group(0)
     assert rank0_stops + rank0_kills >= 1, summary.group(0)
-    assert repeated <= (kills + rank0_kills) * bound
     record(chaos_45s=summary.group(0))
 
 

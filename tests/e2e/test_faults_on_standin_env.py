@@ -16,12 +16,12 @@ def epochs_logged(text):
     return [int(n) for n in re.findall(r"epoch (\d+)/\d+ loss", text)]
 
 
-def test_killed_node_holding_rank_0_job_reforms_resumes_and_finishes(project):
+def test_killed_node_holding_rank_0_job_reforms_resumes_and_finishes_each_sample_once(project):
+    """No periodic save: the nodes left save the last step they finished before they re-form
+    (the e2e check of issue 36's promise: a kill trains no sample twice)."""
+    folders = "--checkpoint-dir /checkpoints/kill --log-dir /logs/kill --record-samples"
     job, killed, name = project.kill_during_training(
-        None,
-        "NODES=3",
-        "ARGS=--epochs 6 --samples 4096 --save-every-steps 20 --checkpoint-dir /checkpoints/kill",
-        epoch=2,
+        None, "NODES=3", f"ARGS=--epochs 6 --samples 4096 {folders}", epoch=2
     )
     resumed = job.read_until(r"resumed from \S+: epoch \d+ done")
     out = job.finish()
@@ -32,6 +32,10 @@ def test_killed_node_holding_rank_0_job_reforms_resumes_and_finishes(project):
     assert re.findall(r"world size (\d+)", out)[-1] == "2"
     assert f"{name} was killed (status 137)" in out
     assert (project.root / "build" / "status").read_text() == "0\n"
+    report = project.make("samples-report", "SAMPLES_DIR=logs/kill/samples").stdout
+    assert report.splitlines() == [
+        f"epoch {e}: 4096 trained, 0 missing, 0 repeated" for e in range(1, 7)
+    ], report
     record(rank0_node_killed_to_resumed_s=round(resumed - killed, 1))
 
 

@@ -56,7 +56,27 @@ def main():
 
     if not (hosting or restarted) and not wait_for_rendezvous(int(setting("WAIT_TIMEOUT"))):
         return 1
+    if not hosting and not sign_in() and restarted:
+        return last  # the job ended while this node restarted: its service is gone
     return run_torchrun(torchrun_arguments(script))
+
+
+SIGNED = []  # this node on the service's roll (launcher/roll.py), once signed in
+
+
+def sign_in():
+    """Put this node on the rendezvous service's roll, so that the service outlives it once the
+    job has ended (it may still read how the job ended there); False where the service is gone."""
+    from .roll import Signed, service_store
+
+    store = service_store(*rendezvous_endpoint())
+    if store is None:
+        return False
+    try:
+        SIGNED.append(Signed(store, setting("RUN_ID"), local_address()))
+    except Exception:  # noqa: BLE001 - the service ended meanwhile
+        return False
+    return True
 
 
 def node_status(code):
@@ -118,7 +138,9 @@ def wait_for_rendezvous(timeout):
             if time.monotonic() - started >= timeout:
                 error(f"the rendezvous service {addr}:{port} did not answer within {timeout}s")
                 return False
-            time.sleep(1)
+            # Often a moment: the service imports torch as the nodes do, and the nodes wait for
+            # it; a connect that fails costs nothing.
+            time.sleep(0.2)
     print(f"rendezvous {addr}:{port} is up after {time.monotonic() - started:.0f}s", flush=True)
     return True
 
@@ -341,17 +363,11 @@ def ended_without_this_node():
 
 def verdict_store():
     """A client of the rendezvous service's store; None where it cannot be reached."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
+    from .roll import service_store
 
     if setting("RDZV_HOST") == "1":
         return None  # the store ended with this node's agent
-    addr, port = rendezvous_endpoint()
-    try:
-        return TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=5))
-    except Exception:  # the service is gone: nobody is left to ask
-        return None
+    return service_store(*rendezvous_endpoint())
 
 
 VERDICT_KEY = "ddp-template/verdict/"
@@ -423,6 +439,8 @@ def run():
     marker = setting("NODE_MARKER")
     if marker and os.path.exists(marker):
         Path(marker).write_text(f"{status}\n")
+    for signed in SIGNED:  # last: the service may end as soon as it reads this
+        signed.sign_out(status)
     if tee:
         end_copy(tee)
     else:

@@ -2,9 +2,11 @@
 
 It holds the job's membership (torch's c10d rendezvous state), nothing of training, so any
 training node may die, rank 0's included, and the job goes on. It ends by itself once the job
-has: when the rendezvous is closed (the job finished or failed), or when no node has sent a
-heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node stops with one
-line and the next start resumes from the last checkpoint (docs/what-happens-when.md).
+has: when the rendezvous is closed (the job finished or failed) and every node on its roll has
+left (launcher/roll.py: a node still on its way in learns from it how the job ended), or when no
+node has sent a heartbeat for IDLE_TIMEOUT seconds (every node gone). If it dies, every node
+stops with one line and the next start resumes from the last checkpoint
+(docs/what-happens-when.md).
 usage: python -m launcher.rendezvous   (settings from the environment, else .env, as every node)
 """
 
@@ -19,9 +21,12 @@ from .settings import setting  # RDZV_PORT and RUN_ID as every node reads them
 
 # Seconds with no node's heartbeat after which the service ends (a test sets less).
 IDLE_TIMEOUT = "120"
-# Long enough for nodes still on their way in to read that the rendezvous is closed, and the
-# job's status that the node which ended it records (launcher/node.py, `read_verdict`).
+# Once the job has ended, the most it waits for nodes on its roll that neither left nor were
+# ever seen alive (killed while they imported torch): the others it waits for as long as they
+# are alive, and a node that has left needs nothing more of it.
 CLOSED_GRACE_S = 10
+# How often it reads the job's state: `make up` returns when the service has ended.
+POLL_S = 0.1
 # After a stop (make down), the most it waits for the nodes, stopped at the same time, to leave:
 # gone first, it would make them report a lost service instead of a stop. Below Compose's
 # stop_grace_period for it.
@@ -36,6 +41,7 @@ def main():
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
     from .patches import live_nodes as live
+    from .roll import Roll
 
     port, run_id = int(setting("RDZV_PORT")), setting("RUN_ID")
     idle = int(os.environ.get("IDLE_TIMEOUT") or IDLE_TIMEOUT)
@@ -54,17 +60,22 @@ def main():
     backend = C10dRendezvousBackend(store, run_id)
     # A reader of the job's state that never joins it.
     handler = DynamicRendezvousHandler.from_backend(run_id, store, backend, 1, 1)
-    last_seen = time.monotonic()
+    roll = Roll(store, run_id)
+    last_seen, closed = time.monotonic(), None
     while True:
-        time.sleep(1)
-        if stopping and (time.monotonic() - stopping[0] > STOPPING_GRACE_S or not live(handler)):
+        time.sleep(POLL_S)
+        nodes = live(handler)
+        if stopping and (time.monotonic() - stopping[0] > STOPPING_GRACE_S or not nodes):
             print("rendezvous: stopped", flush=True)
             return 0
-        if handler.is_closed():
+        if closed is None and handler.is_closed():
             print("rendezvous: the job's rendezvous is closed: stopping", flush=True)
-            time.sleep(CLOSED_GRACE_S)
-            return 0
-        if live(handler):
+            closed = time.monotonic()
+        if closed is not None:
+            if not roll.expected(nodes) or time.monotonic() - closed > CLOSED_GRACE_S:
+                return 0
+            continue
+        if nodes:
             last_seen = time.monotonic()
         elif time.monotonic() - last_seen > idle:
             print(f"rendezvous: no node for {idle}s: stopping", flush=True)
@@ -86,4 +97,8 @@ def listen(bind, port):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    # Not sys.exit: the interpreter's teardown of torch's store server took 1.5 s after its last
+    # line (measured in a container), and `make up` returns only once the service has ended.
+    os._exit(status)

@@ -73,12 +73,12 @@ class Node:
         for line in self.process.stdout:
             self.lines.append((time.monotonic(), line))
 
-    def wait_for(self, pattern, timeout=120):
-        """The time of the first line that matches `pattern`."""
+    def wait_for(self, pattern, timeout=120, after=0.0):
+        """The time of the first line that matches `pattern` (and came `after` that time)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for when, line in list(self.lines):
-                if re.search(pattern, line):
+                if when >= after and re.search(pattern, line):
                     return when
             assert self.process.poll() is None or self._reader.is_alive(), self.output
             time.sleep(0.05)

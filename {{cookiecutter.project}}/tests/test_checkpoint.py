@@ -251,6 +251,9 @@ class _Batches:
             return {"epoch": self.epoch + 1, "samples": 0}
         return {"epoch": self.epoch, "samples": min(self.size, steps * 32)}
 
+    def ids(self, first, last):
+        return list(range(first * 32, last * 32))
+
 
 def _saver(tmp_path, enabled=True, every=3, keep=3):
     model, optimizer = _model_and_optimizer(0)
@@ -259,7 +262,7 @@ def _saver(tmp_path, enabled=True, every=3, keep=3):
         keep=keep,
         every=every,
         model=model,
-        stepper=SimpleNamespace(optimizer=optimizer, state_dict=dict),
+        stepper=SimpleNamespace(optimizer=optimizer, state_dict=dict, stepping=False),
         batches=_Batches(),
         resumed=checkpoint.Resumed(),
         enabled=enabled,
@@ -359,3 +362,58 @@ def test_a_resume_keeps_a_better_best_pt_than_its_checkpoint_records(tmp_path):
     saver.batches.epoch = 3
     saver.epoch_done({"loss": 0.5}, "val_accuracy", 0.1406, _better)  # the Seen case
     assert torch.load(tmp_path / "best.pt", weights_only=True)["best"] == 0.1875
+
+
+class _Records:
+    def __init__(self):
+        self.rescued_ids = []
+
+    def rescued(self, ids):
+        self.rescued_ids.append(ids)
+
+
+def test_a_failed_rank_saves_its_last_finished_step_once_a_folder_with_the_steps_ids(
+    tmp_path, caplog
+):
+    writer, other = _saver(tmp_path, every=0), _saver(tmp_path, enabled=False, every=0)
+    records = _Records()
+    for saver in (writer, other):  # a rank that does not write its folder rescues too
+        saver.trained(2)
+        saver.trained(4)  # an optimizer step of two batches
+    other.rescue(records)
+    writer.rescue(records)  # the same folder: claimed already
+    names = [p.name for p in checkpoint.checkpoints(tmp_path)]
+    assert names == ["ckpt-epoch0001-sample00000128.pt"]
+    assert records.rescued_ids == [list(range(64, 128))]  # the step's, every rank's
+    assert "saved its last finished step" in caplog.text
+    state, _ = checkpoint.load_latest(tmp_path)
+    assert (state["epoch"], state["samples"]) == (1, 128)
+    other.epoch_done({"loss": 0.5})  # a saved state: nothing to rescue
+    other.rescue(records)
+    assert len(records.rescued_ids) == 1
+
+
+def test_a_rank_that_failed_while_its_optimizer_stepped_saves_nothing(tmp_path):
+    saver = _saver(tmp_path, every=0)
+    saver.trained(1)
+    saver.stepper.stepping = True  # the weights may be half changed
+    saver.rescue(_Records())
+    assert checkpoint.checkpoints(tmp_path) == []
+
+
+def test_a_rescue_that_cannot_write_in_its_bound_leaves_the_last_save(
+    tmp_path, monkeypatch, caplog
+):
+    saver, records = _saver(tmp_path, every=0), _Records()
+    saver.epoch_done({"loss": 0.5})
+    saver.trained(3)
+    monkeypatch.setattr(checkpoint, "RESCUE_S", 0.3)
+    monkeypatch.setattr(checkpoint.torch, "save", lambda *_: time.sleep(30))  # a stalled disk
+    started = time.monotonic()
+    saver.rescue(records)
+    assert time.monotonic() - started < 5
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt-epoch0002.pt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert records.rescued_ids == []
+    assert "the last finished step was not saved (" in caplog.text
+    assert "the next round resumes from the last save" in caplog.text

@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small batches, so that an epoch takes seconds: a stop sent early in one lands inside it.
 SAMPLES, BATCH = 4000, 8
 JOB = ["--epochs=3", f"--batch-size={BATCH}", "--record-samples"]
+# Seconds from a node's stop, kill or loss to the job's training again on the others: about
+# three times what these tests measured (2026-12-03, 2 CPUs shared by every node: 3.3, 5.6, 5.0
+# and 5.8 s; the figures of record are the bench's), so that a recovery much slower fails.
+RECOVERY_S = {"leave": 10, "kill": 17, "lost as its round forms": 15, "spare": 18}
+
+
+def recovered(what, since, when):
+    """Assert that the recovery `what`, from `since` to the line at `when`, kept its bound."""
+    took = when - since
+    print(f"recovery from {what}: {took:.1f} s (bound {RECOVERY_S[what]} s)")
+    assert took < RECOVERY_S[what], f"recovery from {what} took {took:.1f} s"
 
 
 def torchrun(tmp_path, processes, *extra):
@@ -154,6 +165,22 @@ def job_environment(tmp_path, **env):
     }
 
 
+def first_line(started, pattern, after):
+    """The time of the first line matching `pattern`, after `after`, on any of the nodes."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        times = [
+            when
+            for node in started
+            for when, line in list(node.lines)
+            if when >= after and re.search(pattern, line)
+        ]
+        if times:
+            return min(times)
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {pattern!r}:\n{started[0].output[-3000:]}")
+
+
 def holding_rank_0(started, size):
     """The node whose rank 0 started the round of `size` nodes, and the others."""
     deadline = time.monotonic() + 120
@@ -173,12 +200,14 @@ def test_the_node_holding_rank_0_stopped_mid_epoch_leaves_and_the_rest_go_on_wit
     service, started = start_nodes(tmp_path, 2, NODES="2", MAX_RESTARTS="0")
     leaving, staying = holding_rank_0(started, 2)
     wait_for_records(leaving.process, tmp_path, epoch=2)
+    stopped = time.monotonic()
     leaving.process.send_signal(signal.SIGTERM)
     new_rank_0, _ = holding_rank_0(staying, 1)  # rank 0's duties moved to the node that stayed
     assert leaving.finish() == 143, leaving.output  # stopped, not failed
     assert "left the rendezvous" in leaving.output
     assert re.search(r"r0\] stop requested: saved", leaving.output), leaving.output
-    new_rank_0.wait_for(r"r0\] resumed from \S+ epoch 1 done, [1-9]\d* samples into the next")
+    back = r"r0\] resumed from \S+ epoch 1 done, [1-9]\d* samples into the next"
+    recovered("leave", stopped, new_rank_0.wait_for(back))
     for node in staying:
         assert node.finish() == 0, node.output
         # Its ranks stopped with the leaver's: a membership change, not a failure.
@@ -188,23 +217,25 @@ def test_the_node_holding_rank_0_stopped_mid_epoch_leaves_and_the_rest_go_on_wit
     assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
-def test_the_node_holding_rank_0_killed_mid_epoch_costs_at_most_the_steps_since_a_save(tmp_path):
-    every = 5
-    args = " ".join(JOB) + f" --samples={SAMPLES} --save-every-steps={every} "
-    folders = " ".join(f"--{name}-dir={tmp_path / name}" for name in ("data", "checkpoint", "log"))
-    service, started = start_nodes(tmp_path, 2, NODES="2", ARGS=args + folders)
+def test_the_node_holding_rank_0_killed_mid_epoch_costs_no_sample(tmp_path):
+    """No save since the epoch began: the node that stays saves the last step its rank finished
+    before its ranks exit (checkpoint.Saver.rescue), and the next round goes on from there, so
+    nothing is trained twice and nothing is lost."""
+    service, started = start_nodes(tmp_path, 2, NODES="2")
     killed, staying = holding_rank_0(started, 2)
     wait_for_records(killed.process, tmp_path, epoch=2, lines=500)
+    lost = time.monotonic()
     nodes.kill(killed.process)  # the launcher and its ranks: no stop, no save, no leave
     new_rank_0, _ = holding_rank_0(staying, 1)
+    resumed = new_rank_0.wait_for(r"r0\] resumed from \S+-sample\d+\.pt: epoch 1 done", after=lost)
+    recovered("kill", lost, resumed)
     for node in staying:
         assert node.finish() == 0, node.output
     assert "final loss" in new_rank_0.output
+    saved = r"training failed: saved its last finished step, \S+: epoch 1 done, [1-9]\d* of"
+    assert re.search(saved, staying[0].output), staying[0].output
     assert service.finish(timeout=120) == 0, service.output
-    counted = sample_log.count(tmp_path / "log" / "samples")
-    assert [row[:3] for row in counted] == [(e, SAMPLES, 0) for e in (1, 2, 3)]  # none missing
-    assert counted[0][3] == counted[2][3] == 0
-    assert 0 <= counted[1][3] <= every * BATCH * 2, counted  # repeated: at most 5 steps of 2
+    assert sample_log.count(tmp_path / "log" / "samples") == [(e, SAMPLES, 0, 0) for e in (1, 2, 3)]
 
 
 def start_machines(tmp_path, names, **env):
@@ -300,10 +331,12 @@ def test_a_node_beyond_max_nodes_waits_as_a_spare_and_takes_a_killed_members_pla
     members = [node for node in started if node is not spare]
     killed, (staying,) = holding_rank_0(members, 2)
     wait_for_records(killed.process, tmp_path, epoch=2, lines=100)
+    lost = time.monotonic()
     nodes.kill(killed.process)
     # Restarted at once, as Docker restarts a killed container: three nodes for two places
     # again, while the round re-forms.
     restarted = Node(**killed.environment)
+    recovered("spare", lost, first_line((staying, spare, restarted), r"r0\] resumed from ", lost))
     for node in (staying, spare, restarted):
         assert node.finish() == 0, node.output
     assert service.finish(timeout=120) == 0, service.output
@@ -322,9 +355,11 @@ def test_a_node_lost_as_its_round_forms_costs_a_round_not_the_job(tmp_path):
     # Its address sorts last: it is not rank 0, whose own keys come before the exchange.
     lost = nodes.ghost(started[0].environment, "~lost")
     assert lost.wait(timeout=120) == 0  # it was in the first round when it died
+    died = time.monotonic()
     # The others waited for its process count until it was dropped, not for RDZV_TIMEOUT, and
     # formed a round without it; before, their agents ended there, and the job with them.
     rank_0, _ = holding_rank_0(started, 2)
+    recovered("lost as its round forms", died, rank_0.wait_for(r"r0\] world size 2\b"))
     assert "a node of the new round is gone: forming another" in "".join(
         node.output for node in started
     )
@@ -346,3 +381,20 @@ def test_the_report_says_what_is_missing_or_repeated(tmp_path, capsys):
     assert sample_log.main(["--at-least-once", str(tmp_path)]) == 0
     (epoch / "b-2-r0.ids").write_text("2\n")
     assert sample_log.main([str(tmp_path)]) == 0
+
+
+def test_the_report_counts_a_sample_once_a_round_and_again_in_another(tmp_path, capsys):
+    """A failed round's saved step is recorded by the rank that saved it, every rank's ids, and by
+    the ranks that finished it themselves: once, in that round. A sample trained in two rounds
+    (a resume from an older save) is repeated."""
+    epoch = tmp_path / "epoch0001"
+    epoch.mkdir()
+    (epoch / "size").write_text("4\n")
+    (epoch / f"round{1:016x}-a-1-r0.ids").write_text("0\n1\n")
+    (epoch / f"round{1:016x}-b-2-r1.ids").write_text("2\n")
+    (epoch / f"round{1:016x}-a-1-rescued.ids").write_text("0\n1\n2\n3\n")
+    assert sample_log.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "epoch 1: 4 trained, 0 missing, 0 repeated\n"
+    (epoch / f"round{2:016x}-b-3-r0.ids").write_text("3\n")
+    assert sample_log.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().out == "epoch 1: 4 trained, 0 missing, 1 repeated\n"

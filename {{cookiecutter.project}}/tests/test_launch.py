@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nodes
@@ -107,6 +108,14 @@ def test_a_node_imports_torch_before_it_waits_for_the_rendezvous_service(tmp_pat
 
 
 EXITS = "import sys\nprint('SCRIPT RAN', flush=True)\nsys.exit({code})\n"
+# Runs until the test creates the file `go`, then exits with `code`.
+WAITS = """\
+import os, sys, time
+print("SCRIPT RAN", flush=True)
+while not os.path.exists({go!r}):
+    time.sleep(0.05)
+sys.exit({code})
+"""
 
 
 @pytest.mark.parametrize(
@@ -176,8 +185,9 @@ def test_a_full_disk_during_a_save_stops_every_rank_with_one_line_and_no_restart
 
 
 def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_service(tmp_path):
-    """Every node closes the rendezvous as it ends and the service then stops: no node may print
-    a failed close or a connection error with a C++ stack."""
+    """Every node closes the rendezvous as it ends and the service then stops, within a moment of
+    the last node (`make up` returns when it has: 0.3 s measured, bound 3x the 1 s goal): no node
+    may print a failed close or a connection error with a C++ stack."""
     job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"two-nodes-{os.getpid()}"}
     service = nodes.rendezvous(**job)
     started = [
@@ -185,13 +195,41 @@ def test_a_finished_two_node_job_ends_cleanly_on_both_nodes_and_its_rendezvous_s
         for _ in range(2)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in started]
+    nodes_ended = time.monotonic()
+    assert service.finish(timeout=60) == 0, service.output
+    assert time.monotonic() - nodes_ended < 3, service.output
     for node, output in zip(started, outputs, strict=True):
         assert node.returncode == 0, output
         for trace in ("Traceback", "frame #", "failed to shutdown", "Error"):
             assert trace not in output, output
     assert sorted(p["rank"] for out in outputs for p in probes(out)) == ["0", "1"]
-    assert service.finish(timeout=60) == 0, service.output
     assert "the job's rendezvous is closed: stopping" in service.output
+
+
+def test_the_rendezvous_service_outlives_the_job_until_every_node_on_its_roll_has_left():
+    """A node that signed in (launcher/roll.py) may still ask how the job ended: the service
+    stays after the job's rendezvous is closed until it signs out, then ends at once."""
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    from launcher import roll
+
+    job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"roll-{os.getpid()}"}
+    service = nodes.rendezvous(**job)
+    service.wait_for("rendezvous: serving")
+    store = roll.service_store("127.0.0.1", int(job["RDZV_PORT"]))
+    signed = roll.Signed(store, job["RUN_ID"], "127.0.0.1")  # on its way in: no heartbeat yet
+    backend = C10dRendezvousBackend(store, job["RUN_ID"])
+    DynamicRendezvousHandler.from_backend(job["RUN_ID"], store, backend, 1, 1).set_closed()
+    service.wait_for("the job's rendezvous is closed")
+    time.sleep(2)
+    assert service.process.poll() is None, service.output
+    left = time.monotonic()
+    signed.sign_out(0)
+    assert service.finish(timeout=30) == 0, service.output
+    assert time.monotonic() - left < 3
 
 
 def test_the_rendezvous_service_listens_only_on_the_address_it_is_given():
@@ -246,21 +284,30 @@ def test_a_store_client_without_the_run_id_changes_nothing_the_job_does(tmp_path
         (3, "ERROR: the job ended with status 3 before this node was taken in"),
     ],
 )
-def test_a_node_that_comes_after_the_job_ended_exits_with_the_jobs_status(tmp_path, code, message):
-    """A node still on its way in when the job ended (a `make scale` at the last step, a node
-    Docker restarted) finds the rendezvous closed: it reports what the job ended with, so that
-    `make up` neither fails a finished job nor passes a failed one."""
-    (tmp_path / "exits.py").write_text(EXITS.format(code=code))
+def test_a_node_on_its_way_in_when_the_job_ends_exits_with_the_jobs_status(tmp_path, code, message):
+    """A node still on its way in when the job ends (a `make scale` at the last step, a node
+    Docker restarted, a spare) reports what the job ended with, so that `make up` neither fails a
+    finished job nor passes a failed one: the rendezvous service, which holds the job's status,
+    waits for it (launcher/roll.py), then ends within a moment of it."""
+    go = tmp_path / "go"
+    (tmp_path / "waits.py").write_text(WAITS.format(go=str(go), code=code))
     job = {"RDZV_PORT": str(free_port()), "RUN_ID": f"late-{os.getpid()}-{code}"}
     node = {"RDZV_HOST": "0", "NPROC_PER_NODE": "1", "START_METHOD": "fork", **job}
+    node.update(NODES="1", MAX_NODES="1", MAX_RESTARTS="0", ARGS="")
+    node["SCRIPT"] = str(tmp_path / "waits.py")
     service = nodes.rendezvous(**job)
-    first = launch(tmp_path, SCRIPT=str(tmp_path / "exits.py"), **node)
-    assert first.returncode == code, first.stdout
-    late = launch(tmp_path, **node)
-    assert late.returncode == code, late.stdout
-    assert message in late.stdout
-    assert "PROBE" not in late.stdout and "Traceback" not in late.stdout
+    first = nodes.Node(**node)
+    first.wait_for("SCRIPT RAN")
+    late = nodes.Node(**node)
+    late.wait_for(r"rendezvous 127\.0\.0\.1:\d+ is up")  # it signs in next, then joins
+    go.touch()
+    assert first.finish() == code, first.output
+    assert late.finish() == code, late.output
+    ended = time.monotonic()
+    assert message in late.output
+    assert "SCRIPT RAN" not in late.output and "Traceback" not in late.output
     assert service.finish(timeout=60) == 0, service.output
+    assert time.monotonic() - ended < 3, service.output
 
 
 def test_a_node_restarted_after_a_usage_error_does_not_start_the_job_again(tmp_path):

@@ -21,7 +21,9 @@ import logging
 import os
 import pickle
 import re
+import signal
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +36,10 @@ from {{ cookiecutter.package }}.health import resting
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^ckpt-epoch(\d+)(?:-(?:sample|step)(\d+))?\.pt$")
 BEST = "best.pt"
+# The most a failed rank spends saving its last finished step before it exits (Saver.rescue):
+# the others' next round waits for it, and torchrun ends a node's other ranks 30 s after the
+# first one failed.
+RESCUE_S = 15
 
 
 class CheckpointError(UsageError):
@@ -303,6 +309,57 @@ class Saver:
         # The one writer of the job waits for the others only under --timeout (they waited for
         # it); one of several writers may wait for another still writing.
         self.enabled, self.slow = enabled, enabled and alone
+        # Batches of this epoch's start before and after its last finished optimizer step, or
+        # None where the state is a saved one (rescue).
+        self.finished = None
+
+    def trained(self, steps):
+        """An optimizer step finished: the state is that of `steps` batches into this start of
+        the epoch."""
+        self.finished = (self.finished[1] if self.finished else 0, steps)
+
+    def rescue(self, records):
+        """After a failure (a lost peer, most often): save the state of the last optimizer step
+        this rank finished, the next round resumes there, and no sample is trained twice.
+
+        No collective: the peers may be gone. The weights are those of that step on every rank
+        that finished it (DDP), and a step finished on any rank had every rank's gradients, the
+        lost one's too, so its samples are trained: `records` gets the step's ids, every rank's.
+        Ranks that share a folder write it once (the first to claim the name); ranks that
+        finished one step more save a newer checkpoint, which the next round's agreement picks
+        (resuming.py). Bounded by RESCUE_S; a failure to write leaves the last save as the
+        newest, and the log says which."""
+        if self.finished is None or self.stepper.stepping:
+            return  # nothing trained since the last save; or weights half changed
+        where = self.batches.position(self.finished[1])
+        final = self.directory / name(where["epoch"], where["samples"])
+        claim = self.directory / f".rescue-{final.name}"
+        try:
+            if final.exists():
+                return
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except OSError:
+            return  # FileExistsError: another rank of this folder saves it
+        try:
+            with _within(RESCUE_S):
+                now = self._state(where)
+                save(now, self.directory, where["epoch"], where["samples"], self.keep)
+            records.rescued(self.batches.ids(*self.finished))
+        except Exception as err:  # noqa: BLE001 - whatever it was, the last save stands
+            log.warning(
+                "training failed: the last finished step was not saved (%s): the next round "
+                "resumes from the last save",
+                str(err).splitlines()[0] if str(err) else type(err).__name__,
+            )
+            return
+        log.warning(
+            "training failed: saved its last finished step, %s: epoch %d done, %d of %d samples "
+            "into the next",
+            final,
+            where["epoch"],
+            where["samples"],
+            self.batches.size,
+        )
 
     def epoch_done(self, metrics, name=None, value=None, better=None):
         """The epoch's checkpoint, after best.pt if the epoch's `value` of `name` improved on
@@ -313,6 +370,7 @@ class Saver:
         if value is not None:
             self.validated(name, value, better)
         self._save(self.batches.position())
+        self.finished = None
 
     def midway(self, steps):
         if self.every and steps % self.every == 0:
@@ -357,3 +415,20 @@ class Saver:
                 now = self._state(where)
                 path = save(now, self.directory, where["epoch"], where["samples"], self.keep)
         return path
+
+
+@contextmanager
+def _within(seconds):
+    """Raise TimeoutError in this (the main) thread if the block takes over `seconds`: a write to
+    a stalled disk returns to Python between chunks (torch.save writes through the file)."""
+
+    def expired(*_):
+        raise TimeoutError(f"not written within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -150,6 +150,10 @@ class EpochBatches:
             width = -(-len(step) // self.world_size)
             yield Draw(mine + [PAD] * (width - len(mine)), self.epoch)
 
+    def ids(self, first, last):
+        """Every rank's sample ids in this start's steps `first` to `last` (excluded)."""
+        return self.order()[self.consumed :][first * self.per_step : last * self.per_step]
+
     def position(self, steps=None):
         """Where training stands after `steps` more steps of this epoch (None: at its end), as
         checkpoints keep it: epochs done, samples into the next, and what dealt them."""

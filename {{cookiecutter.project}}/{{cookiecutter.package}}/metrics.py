@@ -57,7 +57,8 @@ def epoch_metrics(summarize, sums, seconds, world_size):
     # folder's checkpoint, and equal states must hash equal (resuming.py).
     seconds = max(gather(seconds))
     loop = {"samples_per_s": totals["samples"] / seconds, "world_size": world_size}
-    return {**summarize(totals), **loop}
+    # No sample: a round that resumed at the epoch's end (its last step saved after a failure).
+    return {**(summarize(totals) if totals["samples"] else {}), **loop}
 
 
 def describe(values):
@@ -104,6 +105,12 @@ class MetricsLog:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, trained)
             self.writer.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def midway(self, epoch, epochs, values, trained):
         """record() of a validation inside an epoch: `epoch` is the epochs done and the part of

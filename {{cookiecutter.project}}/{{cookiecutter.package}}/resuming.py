@@ -39,15 +39,17 @@ MID_EPOCH = (
 class Folder(NamedTuple):
     writes: bool = True  # this rank writes its folder: no lower rank's file is beside its own
     folders: int = 1  # distinct checkpoint folders in the job
+    round: int = 0  # a random number of this round, the same on every rank (sample_log.py)
 
 
 def find_folders(directory) -> Folder:
     """Which ranks write where: a collective, so at the same point on every rank."""
     if distributed.env_rank() < 0:
-        return Folder()
+        return Folder(round=secrets.randbits(63))
     directory, rank = Path(directory), distributed.env_rank()
     # A fresh name each round: a file an earlier round left behind (a kill) is no one's now.
     token = int.from_bytes(distributed.broadcast_bytes(secrets.token_bytes(8), src=0)[:8], "big")
+    token >>= 1  # 63 bits: it travels as an int64 too
     probe = f".probe-{token:016x}-" + "{}"
     with distributed.fail_together():
         try:
@@ -63,7 +65,9 @@ def find_folders(directory) -> Folder:
         for old in directory.glob(".probe-*"):
             if not old.name.startswith(probe.format("")):
                 old.unlink(missing_ok=True)
-    return Folder(writes=not lower, folders=sum(row[0] for row in writers))
+        for claim in directory.glob(".rescue-*"):  # the last round's (checkpoint.Saver.rescue)
+            claim.unlink(missing_ok=True)
+    return Folder(writes=not lower, folders=sum(row[0] for row in writers), round=token)
 
 
 def agree(directory, folder, keep, rank):

@@ -55,6 +55,8 @@ class Stepper:
         self.accum_steps, self.clip = accum_steps, clip
         self.schedule, self.warmup = schedule, warmup
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # True while the optimizer changes the weights (and after a failure there).
+        self.stepping = False
         for group in optimizer.param_groups:
             # The task's learning rate, which the schedule scales (torch's schedulers keep it
             # under the same name); a checkpoint's optimizer state brings it back.
@@ -119,6 +121,7 @@ class Stepper:
     def step(self, trained):
         """The optimizer step of a group, at the learning rate for `trained` samples of the
         job's `total` (those of this step included)."""
+        self.stepping = True
         factor = lr_factor(trained / self.total, self.schedule, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -129,6 +132,7 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.stepping = False
 
     def state_dict(self):
         return {"scaler": self.scaler.state_dict()}
