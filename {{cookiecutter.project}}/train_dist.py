@@ -73,8 +73,8 @@ def train(args, task, stop):
             shown = progress(loader, batches, epoch, args.epochs, every=args.progress_every)
             shown = first_batch.wrap(shown)  # the task's first step, checked (task_check.py)
             for steps, ids in stepper.train(net, shown, batches, task, stop=stop, sums=sums):
+                saver.trained(steps)  # first: the weights are this step's now (Saver.rescue)
                 records.add(ids)
-                saver.trained(steps)
                 if validator.due(steps):
                     values, trained = validator.run(), batches.trained(steps)
                     metrics_log.midway(trained / batches.size, args.epochs, values, trained)

@@ -417,3 +417,12 @@ def test_a_rescue_that_cannot_write_in_its_bound_leaves_the_last_save(
     assert records.rescued_ids == []
     assert "the last finished step was not saved (" in caplog.text
     assert "the next round resumes from the last save" in caplog.text
+
+
+def test_a_rank_that_failed_in_an_epochs_end_work_saves_every_sample_of_it(tmp_path, caplog):
+    saver = _saver(tmp_path, every=0)
+    saver.trained(8)  # 8 steps of 32: the epoch's 256, its validation and save still to come
+    saver.rescue(_Records())
+    names = [p.name for p in checkpoint.checkpoints(tmp_path)]
+    assert names == ["ckpt-epoch0001-sample00000256.pt"]
+    assert "every sample of epoch 2 trained, its end not saved" in caplog.text

@@ -352,14 +352,12 @@ class Saver:
                 str(err).splitlines()[0] if str(err) else type(err).__name__,
             )
             return
-        log.warning(
-            "training failed: saved its last finished step, %s: epoch %d done, %d of %d samples "
-            "into the next",
-            final,
-            where["epoch"],
-            where["samples"],
-            self.batches.size,
-        )
+        if where["samples"] == self.batches.size:  # in the epoch's end: validation, its save
+            where_now = f"every sample of epoch {where['epoch'] + 1} trained, its end not saved"
+        else:
+            where_now = f"epoch {where['epoch']} done, {where['samples']} of"
+            where_now += f" {self.batches.size} samples into the next"
+        log.warning("training failed: saved its last finished step, %s: %s", final, where_now)
 
     def epoch_done(self, metrics, name=None, value=None, better=None):
         """The epoch's checkpoint, after best.pt if the epoch's `value` of `name` improved on
