@@ -172,9 +172,12 @@ def rescuing(saver, records):
 
 def main(argv=None):
     try:
-        task = task_loader.load(task_name(argv), ROOT)
-        args = parse_args(argv, task)
-        return train(args, task, distributed.GracefulStop())
+        with distributed.stop_at_once():
+            task = task_loader.load(task_name(argv), ROOT)
+            args = parse_args(argv, task)
+            return train(args, task, distributed.GracefulStop())
+    except distributed.Stopped as stopped:
+        return stopped.status
     except UsageError as err:
         if str(err):  # empty on the ranks that stopped because another found the problem
             logs.report(f"{getattr(err, 'details', '')}\nERROR: {err}".strip())

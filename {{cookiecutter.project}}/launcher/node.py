@@ -9,6 +9,7 @@ launcher/patches.py holds the changes to torch.
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -310,17 +311,21 @@ def first_failure(failures):
     """(rank, its error file's message or {}, status) of the rank that failed first, among
     torch's failures (every local rank that left an error file: launcher/patches.py), by the
     time train_dist.py records to the microsecond (torch keeps whole seconds, and the peer of a
-    failed rank fails within the same one). A SignalException is never the cause: it is torch's
-    agent ending the other ranks after the first failure (CI saw one named as the cause once)."""
+    failed rank fails within the same one), then in the order torch found them. torch's own stop
+    of the other ranks after the first failure is never the cause: a SIGTERM with no error file
+    (killed, or ended by train_dist.py with 143), or a SignalException (CI saw each named as the
+    cause once)."""
 
     def when(item):
-        rank, failure = item
+        order, (rank, failure) = item
         message = failure.message if isinstance(failure.message, dict) else {}
         extra = message.get("extraInfo") or {}
-        stopped = str(message.get("message", "")).startswith("SignalException")
-        return stopped, float(extra.get("time", failure.timestamp)), rank
+        stopped = str(message.get("message", "")).startswith("SignalException") or (
+            failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM) and not message
+        )
+        return stopped, float(extra.get("time", failure.timestamp)), order
 
-    rank, failure = min(failures.items(), key=when)
+    _, (rank, failure) = min(enumerate(failures.items()), key=when)
     message = failure.message if isinstance(failure.message, dict) else {}
     return rank, message, node_status(failure.exitcode)
 

@@ -36,11 +36,13 @@ from datetime import datetime, timedelta
 
 import torch
 from torch.distributed import DistStoreError
+from torch.distributed.elastic.agent.server import api as agent_api
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
 from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+from torch.distributed.elastic.utils import store as store_util
 
 from {{ cookiecutter.package }}.errors import PEER_STOPPED, USAGE_ERROR
 
@@ -244,6 +246,27 @@ def monitor_with_exit_codes(agent, worker_group):
     return result
 
 
+def exit_barrier_while_the_round_lasts(agent):
+    """Once its ranks are done, torch's agent waits for every agent of the round in one blocking
+    store.wait of up to exit_barrier_timeout (300 s), on the connection that also carries its
+    heartbeats. A member stopped as the job ended never comes (its agent left with its ranks'
+    work done): CI saw the others held there 144 s, until the service went. No upstream issue
+    found (searched 2026-12). Changed: the wait polls, and ends once the heartbeats have dropped
+    a member of the round or it left the rendezvous, as in the process-count exchange."""
+    agent._in_exit_barrier = True  # torch's health check reads it
+    try:
+        key = store_util._barrier_nonblocking(
+            store=agent._store,
+            world_size=agent._worker_group.group_world_size,
+            key_prefix=agent_api._TERMINAL_STATE_SYNC_ID,
+        )
+        PolledStore(agent._store, agent._exit_barrier_timeout, NODE.a_member_is_gone).wait([key])
+    except DistStoreError:
+        print("torchrun: a node of the round left as the job ended: not waiting for it", flush=True)
+    finally:
+        agent._in_exit_barrier = False
+
+
 # (where, torch's name, the patch): install() sets each; ORIGINAL keeps torch's own by that name.
 PATCHES = (
     (rdzv, "_should_keep_alive", keep_alive_due),
@@ -252,6 +275,7 @@ PATCHES = (
     (LocalElasticAgent, "_rendezvous", rendezvous_again_if_a_member_is_gone),
     (LocalElasticAgent, "_assign_worker_ranks", assign_ranks_between_heartbeats),
     (LocalElasticAgent, "_monitor_workers", monitor_with_exit_codes),
+    (LocalElasticAgent, "_exit_barrier", exit_barrier_while_the_round_lasts),
 )
 
 

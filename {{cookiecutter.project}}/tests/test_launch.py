@@ -586,3 +586,11 @@ def test_the_first_failure_is_the_earliest_recorded_and_never_the_agents_own_sto
     }
     rank, message, status = launcher_node.first_failure(failures)
     assert (rank, message["message"], status) == (1, "ValueError: boom", 1)
+    # A usage error (status 2, no error file) found first; torch then stopped rank 0 with
+    # SIGTERM within the same whole second (CI once reported rank 0's 143 instead).
+    # Found in either order: torch finds the first failure, then the ranks it stopped.
+    for stopped in (-15, 143):  # killed, or ended by train_dist.py (distributed.Stopped)
+        usage = SimpleNamespace(message="To enable traceback see", timestamp=100, exitcode=2)
+        ended = SimpleNamespace(message="Signal 15 received", timestamp=100, exitcode=stopped)
+        assert launcher_node.first_failure({1: usage, 0: ended}) == (1, {}, 2)
+        assert launcher_node.first_failure({0: ended, 1: usage}) == (1, {}, 2)

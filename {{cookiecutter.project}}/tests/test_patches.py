@@ -130,6 +130,46 @@ def test_a_wait_for_a_dropped_nodes_key_ends_at_once(patches):
         polled.get("torchelastic/role_info/1")
 
 
+def test_torchs_exit_barrier_waits_out_a_member_that_never_comes_and_ours_ends_when_it_is_gone(
+    patches, monkeypatch, capsys
+):
+    """exit_barrier_while_the_round_lasts (CI: a node stopped as the job ended held the others
+    144 s). torch's barrier, one of two members in, waits its whole timeout; ours ends at once
+    when the heartbeats dropped the other, and at once when both came."""
+    from types import SimpleNamespace
+
+    from torch.distributed import TCPStore
+
+    def agent(timeout):
+        store = TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+        group = SimpleNamespace(group_world_size=2, state="SUCCEEDED")
+        return SimpleNamespace(_store=store, _worker_group=group, _exit_barrier_timeout=timeout)
+
+    original = patches.ORIGINAL["LocalElasticAgent._exit_barrier"]
+    waited = time.monotonic()
+    original(agent(timeout=2))  # torch logs the timeout and returns
+    assert time.monotonic() - waited >= 2
+
+    gone = []
+    monkeypatch.setattr(patches, "NODE", SimpleNamespace(a_member_is_gone=lambda: bool(gone)))
+    alone = agent(timeout=2)
+    waited = time.monotonic()
+    patches.exit_barrier_while_the_round_lasts(alone)  # not gone: its timeout, as torch's
+    assert time.monotonic() - waited >= 2
+    gone.append("the other member")
+    waited = time.monotonic()
+    patches.exit_barrier_while_the_round_lasts(agent(timeout=100))
+    assert time.monotonic() - waited < 1
+    assert "a node of the round left as the job ended" in capsys.readouterr().out
+    both = agent(timeout=100)
+    gone.clear()
+    terminal = patches.agent_api._TERMINAL_STATE_SYNC_ID
+    patches.store_util._barrier_nonblocking(both._store, 2, terminal)  # the other member came
+    waited = time.monotonic()
+    patches.exit_barrier_while_the_round_lasts(both)
+    assert time.monotonic() - waited < 1 and not capsys.readouterr().out
+
+
 def test_the_c10d_entry_makes_torchs_handler_and_remembers_it(patches):
     """The registry entry that `leave` and PolledStore use the handler from."""
     from torch.distributed.elastic.rendezvous import RendezvousParameters

@@ -193,10 +193,43 @@ def _max_vote(value, timeout):
     return int(votes.item())
 
 
+class Stopped(BaseException):
+    """A SIGTERM/SIGINT outside the training loop: the rank ends at once with the signal's
+    status. A BaseException, so that no `except Exception` on its way (ours, torch's, the
+    task's) takes the stop for an error and goes on: CI saw a stop sent as a rank resumed
+    swallowed, and the rank trained on with its round to the end while its node left."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.status = 128 + signum
+
+
+@contextmanager
+def stop_at_once():
+    """Inside it, outside `with stop:` (joining, loading, resuming, the end), a SIGTERM/SIGINT
+    raises Stopped in this process. A process forked from it (a DataLoader worker) gets the
+    default action: the rank it serves decides."""
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in GracefulStop.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class GracefulStop:
     """Inside `with stop:` (the training loop) a SIGTERM/SIGINT is remembered, so that training
-    stops between two steps; outside it they act as usual, so a process that is still joining
-    the job, or loading data, exits at once."""
+    stops between two steps; outside it they end the process at once (stop_at_once), so a
+    process that is still joining the job, or loading data, exits at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

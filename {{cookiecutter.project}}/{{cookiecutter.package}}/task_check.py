@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.distributed.elastic.multiprocessing import SignalException
 from torch.utils.data import IterableDataset
 
 from {{ cookiecutter.package }}.distributed import fail_together
@@ -96,9 +95,9 @@ def task_code(what):
     except UsageError:
         raise
     except Exception as err:
-        # A stop (torch's agent turns SIGTERM into SignalException in its processes, wherever
-        # they are), or the machine taking something away: a restart may well succeed.
-        if isinstance(err, SignalException) or any(s in str(err) for s in NOT_THE_TASK):
+        # The machine taking something away: a restart may well succeed. (A stop is not an
+        # Exception: distributed.Stopped.)
+        if any(s in str(err) for s in NOT_THE_TASK):
             raise
         first = (str(err).strip().splitlines() or [""])[-1 if "Traceback" in str(err) else 0]
         message = f"the task's {what} raised {type(err).__name__}: {first.strip()}"
