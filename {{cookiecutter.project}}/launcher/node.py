@@ -238,7 +238,9 @@ def torchrun_arguments(script):
         f"--rdzv-conf={rdzv_conf}",
         f"--local-addr={local_address()}",
         f"--max-restarts={setting('MAX_RESTARTS')}",
-        "--monitor-interval=0.5",
+        # How soon the agent sees its ranks fail (a lost peer): a poll of its processes and
+        # of the rendezvous state, which is cached for POLL_S (launcher/patches.py).
+        "--monitor-interval=0.1",
         *start,
         str(script),
         *shlex.split(setting("ARGS")),

@@ -32,7 +32,7 @@ import functools
 import logging
 import os
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import torch
 from torch.distributed import DistStoreError
@@ -50,6 +50,10 @@ TESTED_TORCH = "2.14.1"
 BACKEND = "c10d"
 # How often a node waiting for a round reads the shared state (torch: 1 s).
 POLL_S = 0.2
+# After its ranks lost a peer, the heartbeat age, in intervals, at which a survivor takes a
+# member of its round for dead (torch waits HEARTBEAT_MISSES: 3): a live member writes one on
+# every interval's tick (keep_alive_due).
+DEAD_AFTER_INTERVALS = 1.5
 
 
 def version_warning(version=torch.__version__):
@@ -69,6 +73,7 @@ class Node:
     def __init__(self, min_nodes=1, max_nodes=1, rdzv_timeout=60):
         self.min_nodes, self.max_nodes, self.rdzv_timeout = min_nodes, max_nodes, rdzv_timeout
         self.handler, self.members = None, set()
+        self.dead = set()  # members of that round this node dropped (reform_without_the_dead)
         self.spare = False  # said once that it waits as a spare
 
     def a_member_is_gone(self):
@@ -98,6 +103,9 @@ def remembered_c10d_handler(params):
     its two methods that learn of the rounds wrapped."""
     backend, store = create_backend(params)
     handler = rdzv.create_handler(store, backend, params)
+    # torch serves the shared state from a 1 s cache between writes, so a node polling every
+    # POLL_S saw a round complete, or a dead node dropped, up to a second late.
+    handler._state_holder._cache_duration = POLL_S
     handler.next_rendezvous = functools.partial(remember_members, handler, handler.next_rendezvous)
     handler.num_nodes_waiting = functools.partial(
         num_nodes_waiting_or_dropped, handler, handler.num_nodes_waiting
@@ -110,7 +118,7 @@ def remember_members(handler, next_rendezvous):
     """The members of each round this node joins: the patches below compare them with the
     round's current state to see that a member is gone."""
     info = next_rendezvous()
-    NODE.members = set(participants(handler))
+    NODE.members, NODE.dead = set(participants(handler)), set()
     return info
 
 
@@ -143,6 +151,38 @@ def join_at_the_jobs_sizes(op, context, deadline):
         settings = context.settings  # frozen; shared with the handler and its heartbeats
         object.__setattr__(settings, "min_nodes", NODE.min_nodes)  # the launcher checked both
         object.__setattr__(settings, "max_nodes", NODE.max_nodes)
+    return reform_without_the_dead(op, context, deadline)
+
+
+def reform_without_the_dead(op, context, deadline):
+    """After a kill, the survivors, out of their round because their ranks lost a peer, wait in
+    torch's wait list until the dead node's heartbeats time out (HEARTBEAT_MISSES intervals, 3
+    s), then the last call (1 s) for nodes that come late. Changed: a node waiting for the next
+    round drops the rest of its own last round once none of them has written a heartbeat for
+    DEAD_AFTER_INTERVALS (a member still training writes one every interval; one on its way to
+    the next round is no longer in it), and the last call ends once every other member of that
+    round has joined. A member dropped by mistake (a stall) rejoins, as when torch drops it
+    (num_nodes_waiting_or_dropped). Not done by heartbeats alone: a node between two rounds has
+    none for a moment (see the module's docstring)."""
+    state, settings = context.state, context.settings
+    if state.complete and context.node in state.wait_list and set(state.participants):
+        gone = set(state.participants)
+        since = datetime.now(UTC) - settings.keep_alive_interval * DEAD_AFTER_INTERVALS
+        beats = state.last_heartbeats
+        if gone <= NODE.members and all(beats.get(node, since) <= since for node in gone):
+            for node in gone:
+                del state.participants[node]
+                beats.pop(node, None)
+            rdzv._remove_participant_epilogue(state, settings)
+            NODE.dead |= gone
+            names = ", ".join(sorted(node.addr for node in gone))
+            print(f"torchrun: {names} stopped its heartbeats: re-forming without it", flush=True)
+            return rdzv._Action.KEEP_ALIVE  # written back by torch's next sync
+    if NODE.dead and not state.complete and context.node in state.participants:
+        rejoined = NODE.members - NODE.dead <= set(state.participants)
+        sizes = settings.min_nodes <= len(state.participants) <= settings.max_nodes
+        if rejoined and sizes and state.deadline is not None:
+            return rdzv._Action.MARK_RENDEZVOUS_COMPLETE
     return wait_as_a_spare(op, context, deadline)
 
 

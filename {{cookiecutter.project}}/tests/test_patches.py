@@ -5,7 +5,7 @@ each test below)."""
 
 import os
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from nodes import free_port
@@ -74,6 +74,61 @@ def test_a_node_started_with_the_jobs_first_size_waits_for_the_next_round(patche
     ctx = context(rdzv, participants=1, round_=0, complete=False, min_nodes=2, max_nodes=2)
     rdzv._RendezvousJoinOp()(ctx, deadline)
     assert (ctx.settings.min_nodes, ctx.settings.max_nodes) == (2, 2)
+
+
+def test_a_survivor_drops_the_dead_of_its_round_and_ends_the_last_call_once_the_rest_are_in(
+    patches,
+):
+    """reform_without_the_dead (tests/test_elastic.py: the kill of rank 0's node). torch keeps a
+    member whose heartbeats stopped for HEARTBEAT_MISSES intervals, then waits out the last
+    call."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    deadline = 1e12
+    only = ["join_at_the_jobs_sizes"]
+    node = patches.install(min_nodes=1, max_nodes=3, rdzv_timeout=30, only=only)
+    original = patches.ORIGINAL["_RendezvousJoinOp.__call__"]
+    ctx = context(rdzv, participants=2, round_=1, complete=True, min_nodes=1, max_nodes=3)
+    object.__setattr__(ctx.settings, "keep_alive_interval", timedelta(seconds=1))
+    state, now = ctx.state, datetime.now().astimezone()
+    dead, survivor = list(state.participants)
+    del state.participants[survivor]  # it left the round after its ranks failed, as this node
+    state.wait_list |= {ctx.node, survivor}
+    node.members = {ctx.node, dead, survivor}
+    state.last_heartbeats[dead] = now - timedelta(seconds=1.2)  # a member still training
+    rdzv._RendezvousJoinOp()(ctx, deadline)
+    assert dead in state.participants
+    state.last_heartbeats[dead] = now - timedelta(seconds=1.6)
+    assert original(rdzv._RendezvousJoinOp(), ctx, deadline) != rdzv._Action.KEEP_ALIVE
+    assert dead in state.participants  # torch waits for 3 intervals
+    node.members = {ctx.node, survivor}  # a node not of that round (a new one) drops nobody
+    rdzv._RendezvousJoinOp()(ctx, deadline)
+    assert dead in state.participants
+    node.members = {ctx.node, dead, survivor}
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.KEEP_ALIVE
+    assert dead not in state.participants and dead not in state.last_heartbeats
+    assert (state.complete, state.round, node.dead) == (False, 2, {dead})
+    # The next round's last call: it ends once every other member of the last round is in.
+    state.wait_list.clear()
+    state.participants.update({ctx.node: 0})
+    state.deadline = datetime.now(UTC) + timedelta(seconds=1)
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != rdzv._Action.MARK_RENDEZVOUS_COMPLETE
+    state.participants.update({survivor: 0})
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.MARK_RENDEZVOUS_COMPLETE
+
+
+def test_torch_serves_the_rendezvous_state_from_a_one_second_cache_and_ours_from_poll_s(patches):
+    """remembered_c10d_handler: a node polling every POLL_S reads the state that often."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+
+    params = RendezvousParameters("c10d", f"127.0.0.1:{free_port()}", "cache", 1, 1, is_host=True)
+    backend, store = create_backend(params)
+    assert rdzv.create_handler(store, backend, params)._state_holder._cache_duration == 1
+    patches.install(min_nodes=1, max_nodes=1, rdzv_timeout=30)
+    handler = patches.remembered_c10d_handler(params)
+    assert handler._state_holder._cache_duration == patches.POLL_S
 
 
 class RecordingStore:
