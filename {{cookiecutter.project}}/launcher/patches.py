@@ -25,7 +25,8 @@ NODES. Tried and dropped: completing a re-forming round as soon as every node wi
 heartbeat had joined it (no last call). torch removes a node's heartbeat as it leaves a round
 to join the next, so for a moment a node on its way back looks gone: in a 240 s chaos run a
 stop on 4 nodes formed a round of 1, then one of 3. The last call (LAST_CALL_TIMEOUT, 1 s, five
-of `poll_faster`'s polls) stays.
+of `poll_faster`'s polls) stays, except after a kill: `reform_without_the_dead` ends it once
+every member of the last round but the ones this node dropped has joined (no heartbeats read).
 """
 
 import functools
@@ -176,7 +177,7 @@ def reform_without_the_dead(op, context, deadline):
             rdzv._remove_participant_epilogue(state, settings)
             NODE.dead |= gone
             names = ", ".join(sorted(node.addr for node in gone))
-            print(f"torchrun: {names} stopped its heartbeats: re-forming without it", flush=True)
+            print(f"torchrun: no heartbeat from {names}: the job re-forms without it", flush=True)
             return rdzv._Action.KEEP_ALIVE  # written back by torch's next sync
     if NODE.dead and not state.complete and context.node in state.participants:
         rejoined = NODE.members - NODE.dead <= set(state.participants)
