@@ -25,8 +25,9 @@ NODES. Tried and dropped: completing a re-forming round as soon as every node wi
 heartbeat had joined it (no last call). torch removes a node's heartbeat as it leaves a round
 to join the next, so for a moment a node on its way back looks gone: in a 240 s chaos run a
 stop on 4 nodes formed a round of 1, then one of 3. The last call (LAST_CALL_TIMEOUT, 1 s, five
-of `poll_faster`'s polls) stays, except after a kill: `reform_without_the_dead` ends it once
-every member of the last round but the ones this node dropped has joined (no heartbeats read).
+of `poll_faster`'s polls) stays for a round that lost a member by a stop;
+`end_the_last_call_once_all_are_in` ends it once every member of the last round but the ones
+this node dropped as dead has joined and nobody else waits (no heartbeats read).
 """
 
 import functools
@@ -75,6 +76,7 @@ class Node:
         self.min_nodes, self.max_nodes, self.rdzv_timeout = min_nodes, max_nodes, rdzv_timeout
         self.handler, self.members = None, set()
         self.dead = set()  # members of that round this node dropped (reform_without_the_dead)
+        self.had_spares = False  # a spare waited during that round (torch's redundancy list)
         self.spare = False  # said once that it waits as a spare
 
     def a_member_is_gone(self):
@@ -120,6 +122,7 @@ def remember_members(handler, next_rendezvous):
     round's current state to see that a member is gone."""
     info = next_rendezvous()
     NODE.members, NODE.dead = set(participants(handler)), set()
+    NODE.had_spares = bool(handler._state_holder.state.redundancy_list)
     return info
 
 
@@ -130,6 +133,7 @@ def num_nodes_waiting_or_dropped(handler, num_nodes_waiting):
     heartbeats). Changed: such a node counts as one waiting, so its agent stops its ranks and
     rejoins, as for a node that joins."""
     waiting = num_nodes_waiting()
+    NODE.had_spares |= bool(handler._state_holder.state.redundancy_list)
     if NODE.members and handler._this_node not in participants(handler):
         print("torchrun: this node was dropped from its round: rejoining", flush=True)
         return max(waiting, 1)
@@ -161,10 +165,10 @@ def reform_without_the_dead(op, context, deadline):
     s), then the last call (1 s) for nodes that come late. Changed: a node waiting for the next
     round drops the rest of its own last round once none of them has written a heartbeat for
     DEAD_AFTER_INTERVALS (a member still training writes one every interval; one on its way to
-    the next round is no longer in it), and the last call ends once every other member of that
-    round has joined. A member dropped by mistake (a stall) rejoins, as when torch drops it
-    (num_nodes_waiting_or_dropped). Not done by heartbeats alone: a node between two rounds has
-    none for a moment (see the module's docstring)."""
+    the next round is no longer in it); the last call then ends as for any re-form
+    (end_the_last_call_once_all_are_in). A member dropped by mistake (a stall) rejoins, as when
+    torch drops it (num_nodes_waiting_or_dropped). Not done by heartbeats alone: a node between
+    two rounds has none for a moment (see the module's docstring)."""
     state, settings = context.state, context.settings
     if state.complete and context.node in state.wait_list and set(state.participants):
         gone = set(state.participants)
@@ -179,10 +183,26 @@ def reform_without_the_dead(op, context, deadline):
             names = ", ".join(sorted(node.addr for node in gone))
             print(f"torchrun: no heartbeat from {names}: the job re-forms without it", flush=True)
             return rdzv._Action.KEEP_ALIVE  # written back by torch's next sync
-    if NODE.dead and not state.complete and context.node in state.participants:
+    return end_the_last_call_once_all_are_in(op, context, deadline)
+
+
+def end_the_last_call_once_all_are_in(op, context, deadline):
+    """torch completes a re-forming round after its last call (1 s from the first MIN_NODES
+    joins), even when every node it can expect has joined sooner: each join, restart and kill
+    paid the whole second. Changed: a member of the last round completes the new one once every
+    other member of that round (but those it dropped as dead) has joined it and no node waits
+    outside it (torch's wait and redundancy lists: a node that asked to join, a spare). Not
+    by heartbeats, the trap the module's docstring records; a member that left (a stop) never
+    rejoins, so its round keeps torch's last call. So does a round that had a spare: torch moves
+    a spare to a free place in two steps, out of its list and then in, and between them it is
+    in none (a round of 1 formed without it in a test)."""
+    state, settings = context.state, context.settings
+    expected = NODE.members and not NODE.had_spares  # else torch's last call
+    if expected and not state.complete and context.node in state.participants:
         rejoined = NODE.members - NODE.dead <= set(state.participants)
+        outside = state.wait_list or state.redundancy_list
         sizes = settings.min_nodes <= len(state.participants) <= settings.max_nodes
-        if rejoined and sizes and state.deadline is not None:
+        if rejoined and not outside and sizes and state.deadline is not None:
             return rdzv._Action.MARK_RENDEZVOUS_COMPLETE
     return wait_as_a_spare(op, context, deadline)
 

@@ -2,6 +2,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 import task
 from {{ cookiecutter.package }}.dealing import PAD, EpochBatches, make_loader, val_loader
@@ -91,9 +92,22 @@ def test_validation_deals_every_sample_once_without_padding():
 
 def test_synthetic_is_deterministic_and_labelled():
     a, b = synthetic(32, seed=3), synthetic(32, seed=3)
-    assert torch.equal(a.tensors[0], b.tensors[0])
-    assert a.tensors[0].shape == (32, 3, 32, 32)
-    assert int(a.tensors[1].max()) < 10
+    images, labels = default_collate([a[i] for i in range(32)])
+    assert torch.equal(images, default_collate([b[i] for i in range(32)])[0])
+    assert images.shape == (32, 3, 32, 32) and int(labels.max()) < 10
+    other = synthetic(32, seed=4)
+    assert not torch.equal(images, default_collate([other[i] for i in range(32)])[0])
+    assert torch.equal(a[-1][0], a[31][0])
+    with pytest.raises(IndexError):
+        a[32]
+    # The class's pattern is what a model learns: the mean image of a class is near it.
+    many = synthetic(2000, seed=3)
+    means = {}
+    for image, label in (many[i] for i in range(2000)):
+        means.setdefault(int(label), []).append(image)
+    for label, images in means.items():
+        mean = torch.stack(images).mean(0)
+        assert torch.allclose(mean, 0.5 * many.patterns[label], atol=0.35), label
 
 
 def _args(data_dir, samples=16):

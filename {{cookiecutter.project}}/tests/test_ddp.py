@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import default_collate
 
 from {{ cookiecutter.package }} import distributed
 from task import SmallCNN, synthetic
@@ -22,8 +23,8 @@ BATCH = 16
 
 
 def _batch():
-    images, labels = synthetic(BATCH, seed=1).tensors
-    return images, labels
+    dataset = synthetic(BATCH, seed=1)
+    return default_collate([dataset[i] for i in range(BATCH)])
 
 
 def _one_step(model, images, labels):

@@ -117,6 +117,42 @@ def test_a_survivor_drops_the_dead_of_its_round_and_ends_the_last_call_once_the_
     assert rdzv._RendezvousJoinOp()(ctx, deadline) == rdzv._Action.MARK_RENDEZVOUS_COMPLETE
 
 
+def test_a_re_form_ends_its_last_call_once_every_node_expected_has_joined(patches):
+    """end_the_last_call_once_all_are_in (tests/test_elastic.py: the join and the kill; the
+    bench's `make scale NODES=3`). torch completes the round only at its deadline."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+
+    deadline = 1e12
+    only = ["join_at_the_jobs_sizes"]
+    node = patches.install(min_nodes=1, max_nodes=4, rdzv_timeout=30, only=only)
+    original = patches.ORIGINAL["_RendezvousJoinOp.__call__"]
+    complete = rdzv._Action.MARK_RENDEZVOUS_COMPLETE
+    ctx = context(rdzv, participants=2, round_=2, complete=False, min_nodes=1, max_nodes=4)
+    state = ctx.state
+    member, joiner = list(state.participants)
+    del state.participants[joiner]
+    state.wait_list.add(joiner)  # it asked to join: the re-form is for it
+    state.participants[ctx.node] = 0
+    state.deadline = datetime.now(UTC) + timedelta(seconds=1)
+    node.members = {ctx.node, member}  # the last round
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != complete
+    state.wait_list.clear()
+    state.participants[joiner] = 0
+    assert original(rdzv._RendezvousJoinOp(), ctx, deadline) != complete
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) == complete
+    spare = rdzv._NodeDesc("10.0.0.50", 150, 0)
+    state.redundancy_list.add(spare)  # a spare on its way to a place
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != complete
+    state.redundancy_list.clear()  # and between torch's two steps, in no list
+    node.had_spares = True
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != complete
+    node.had_spares = False
+    node.members = {ctx.node, member, spare}  # a member that left (a stop) never comes
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != complete
+    node.members = set()  # a node new to the job knows no round to wait for
+    assert rdzv._RendezvousJoinOp()(ctx, deadline) != complete
+
+
 def test_torch_serves_the_rendezvous_state_from_a_one_second_cache_and_ours_from_poll_s(patches):
     """remembered_c10d_handler: a node polling every POLL_S reads the state that often."""
     from torch.distributed.elastic.rendezvous import RendezvousParameters

@@ -31,9 +31,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, help="default: about the window's length")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    # Epochs of a size that fits a 2G node (the synthetic set is held in memory); enough that
-    # the job outlasts the window on a 1-CPU-per-node machine, so that every kind of event
-    # lands on it (3 nodes train about 3,000 samples/s here, 1 node about as many).
+    # Epochs long enough that the job outlasts the window on a 1-CPU-per-node machine, so that
+    # every kind of event lands on it (3 nodes train about 3,000 samples/s here, 1 node about
+    # as many).
     samples = 20000
     args.epochs = args.epochs or max(3, round(args.seconds * 3000 / samples))
     job = (
