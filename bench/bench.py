@@ -294,9 +294,11 @@ CKPT = " --checkpoint-dir /checkpoints/bench"
 def bench_elastic(results):
     """Seconds from a `docker kill` and a `docker stop` of the node holding rank 0, a `make
     scale NODES=3` and a `make scale NODES=2` to rank 0 resuming at the new world size, in one
-    3-node `make up` each run; for the join, also how long training paused (from the others'
-    stop: they train on while the new node starts)."""
-    seconds = {"kill": [], "leave": [], "scale_up": [], "scale_up_paused": [], "scale_down": []}
+    3-node `make up` each run; for the join, also its parts: the new node's own start (the
+    container and its `import torch`), its arrival to training, and how long training paused
+    (from the others' stop: they train on while the new node starts)."""
+    seconds = {key: [] for key in ("kill", "leave", "scale_up", "scale_down")}
+    seconds.update({key: [] for key in ("scale_up_started", "scale_up_joined", "scale_up_paused")})
     repeated = []  # samples trained twice in a run: its one kill's (the other events repeat none)
     args = "--epochs 16 --samples 16384 --batch-size 32 --checkpoint-dir /checkpoints/bench"
     args += " --log-dir /logs/bench --record-samples"
@@ -316,11 +318,14 @@ def bench_elastic(results):
             asked = time.monotonic()
             run(command)
             if key == "scale_up":  # the others train on while the new node starts
+                arrived = up.wait_for(r"rendezvous \S+ is up after")  # torch imported
                 paused = up.wait_for(r"stop requested")
             up.wait_for(rf"world size {size}\b")
             resumed = up.wait_for(r"resumed from")  # the next step trains
             seconds[key].append(resumed - asked)
             if key == "scale_up":
+                seconds["scale_up_started"].append(arrived - asked)
+                seconds["scale_up_joined"].append(resumed - arrived)
                 seconds["scale_up_paused"].append(resumed - paused)
         if up.finish() != 0:
             sys.exit(f"bench: make up failed:\n{''.join(line for _, line in up.lines)[-3000:]}")

@@ -102,6 +102,8 @@ def write_report(r, folder):
         ("kill", f"`docker kill` of rank 0's node {again}", "< 3"),
         ("leave", f"`docker stop` of rank 0's node {again}", "< 10"),
         ("scale_up", "`make scale NODES=3` to training on 3 nodes (from 2)", "< 5"),
+        ("scale_up_started", "- of which the new node's start (container, `import torch`)", ""),
+        ("scale_up_joined", "- of which its arrival at the rendezvous to training on 3", ""),
         ("scale_up_paused", "that join: training paused (the others' stop to training on 3)", ""),
         ("scale_down", "`make scale NODES=2` to training on 2 nodes (from 3)", ""),
     ):

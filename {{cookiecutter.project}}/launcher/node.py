@@ -264,7 +264,8 @@ def run_torchrun(arguments):
     if warning:
         print(warning, flush=True)
     sizes = int(setting("MIN_NODES")), int(setting("MAX_NODES"))
-    node = patches.install(*sizes, int(setting("RDZV_TIMEOUT")))
+    forks = setting("START_METHOD") == "fork"
+    node = patches.install(*sizes, int(setting("RDZV_TIMEOUT")), forks=forks)
     try:
         main(arguments)
         record_verdict(0)

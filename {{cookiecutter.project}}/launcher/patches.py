@@ -72,8 +72,9 @@ class Node:
     """What the patches share in this process: the job's sizes, this node's rendezvous handler,
     and the members of the last round it joined."""
 
-    def __init__(self, min_nodes=1, max_nodes=1, rdzv_timeout=60):
+    def __init__(self, min_nodes=1, max_nodes=1, rdzv_timeout=60, forks=False):
         self.min_nodes, self.max_nodes, self.rdzv_timeout = min_nodes, max_nodes, rdzv_timeout
+        self.forks = forks  # START_METHOD=fork: the ranks inherit this process's modules
         self.handler, self.members = None, set()
         self.dead = set()  # members of that round this node dropped (reform_without_the_dead)
         self.had_spares = False  # a spare waited during that round (torch's redundancy list)
@@ -123,7 +124,18 @@ def remember_members(handler, next_rendezvous):
     info = next_rendezvous()
     NODE.members, NODE.dead = set(participants(handler)), set()
     NODE.had_spares = bool(handler._state_holder.state.redundancy_list)
+    if NODE.forks:
+        import_torch_dynamo()
     return info
+
+
+def import_torch_dynamo():
+    """torch imports `torch._dynamo` in each process at its first optimizer step
+    (`_use_grad_for_differentiable` in torch/optim/optimizer.py): 2 s of every round's start on
+    2 CPUs, all ranks at once, while the round waits. Ranks forked from the agent inherit its
+    modules, so the agent imports it once, as its first round forms: not sooner, where it would
+    delay a joining node's arrival while the others train on."""
+    import torch._dynamo  # noqa: F401
 
 
 def num_nodes_waiting_or_dropped(handler, num_nodes_waiting):
@@ -349,11 +361,11 @@ def torch_name(where, name):
 ORIGINAL = {torch_name(where, name): getattr(where, name) for where, name, _ in PATCHES}
 
 
-def install(min_nodes, max_nodes, rdzv_timeout, only=None):
+def install(min_nodes, max_nodes, rdzv_timeout, only=None, forks=False):
     """Apply the patches (`only`: those whose function names are listed) to this process's
     torch, with the job's sizes; returns the Node they share."""
     global NODE
-    NODE = Node(min_nodes, max_nodes, rdzv_timeout)
+    NODE = Node(min_nodes, max_nodes, rdzv_timeout, forks)
     rendezvous_handler_registry._registry[BACKEND] = remembered_c10d_handler
     for where, name, patch in PATCHES:
         if only is None or patch.__name__ in only:

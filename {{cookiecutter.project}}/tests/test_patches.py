@@ -4,11 +4,13 @@ patches' effects on whole jobs are in tests/test_launch.py and tests/test_elasti
 each test below)."""
 
 import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from nodes import free_port
+from nodes import ROOT, free_port
 
 from launcher import patches as patches_module
 
@@ -281,6 +283,39 @@ def test_the_c10d_entry_makes_torchs_handler_and_remembers_it(patches):
         assert not patches.participants(handler) and node.a_member_is_gone()
     finally:
         handler.shutdown()
+
+
+FIRST_ROUND = """
+import sys
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+from launcher import patches
+imported = lambda: "torch._dynamo" in sys.modules
+launcher = imported()
+patches.install(min_nodes=1, max_nodes=1, rdzv_timeout=30, forks={forks})
+params = RendezvousParameters("c10d", "127.0.0.1:{port}", "first", 1, 1, is_host=True)
+handler = get_rendezvous_handler(params)
+handler.next_rendezvous()
+formed = imported()
+handler.shutdown()
+import torch
+torch.optim.SGD(torch.nn.Linear(2, 1).parameters()).step()
+print(launcher, formed, imported())
+"""
+
+
+@pytest.mark.parametrize("forks", [True, False])
+def test_an_optimizer_step_imports_torch_dynamo_and_a_forking_node_as_its_round_forms(forks):
+    """import_torch_dynamo: torch's launcher does not import torch._dynamo and an optimizer's
+    first step does, in each process; a node whose ranks are forked (START_METHOD=fork) imports
+    it once its round has formed, so that they inherit it; a node that spawns them does not.
+    The time it saves is in bench/results.md (`docker kill` and `make scale` rows)."""
+    script = FIRST_ROUND.format(forks=forks, port=free_port())
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", str(forks), "True"]
 
 
 def test_torch_polls_a_waiting_round_through_delay_of_one_second(patches, monkeypatch):
