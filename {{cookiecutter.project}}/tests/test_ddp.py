@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -121,3 +124,34 @@ def test_a_short_last_step_counts_every_sample_once_as_one_process_would(tmp_pat
     one = _one_epoch(tmp_path / "one", sys.executable, batch_size=16)
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+JOINING = """
+from {{ cookiecutter.package }} import distributed
+with distributed.stop_at_once():  # as train_dist.py joins
+    distributed.init("gloo", 60, 15)
+"""
+
+
+def test_a_rank_stopped_as_it_waits_for_its_round_under_torchrun_ends_at_once():
+    """ended_by_a_stop_as_it_waits: rank 0 of 2 waits in init_process_group for a rank that never
+    comes; torchrun's SIGTERM ends it at once, where it waited out its 60 s timeout before."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
+    rank = subprocess.Popen([sys.executable, "-c", JOINING], cwd=Path(__file__).parents[1], env=env)
+    try:
+        for _ in range(600):  # rank 0 hosts the store: listening, it waits for rank 1
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert rank.poll() is None, rank.returncode
+                time.sleep(0.1)
+        time.sleep(0.5)
+        rank.send_signal(signal.SIGTERM)
+        assert rank.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        rank.kill()
