@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from nodes import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import default_collate
 
@@ -136,12 +137,10 @@ with distributed.stop_at_once():  # as train_dist.py joins
 def test_a_rank_stopped_as_it_waits_for_its_round_under_torchrun_ends_at_once():
     """ended_by_a_stop_as_it_waits: rank 0 of 2 waits in init_process_group for a rank that never
     comes; torchrun's SIGTERM ends it at once, where it waited out its 60 s timeout before."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
-    rank = subprocess.Popen([sys.executable, "-c", JOINING], cwd=Path(__file__).parents[1], env=env)
+    rank = subprocess.Popen([sys.executable, "-c", JOINING], cwd=ROOT, env=env)
     try:
         for _ in range(600):  # rank 0 hosts the store: listening, it waits for rank 1
             try:
