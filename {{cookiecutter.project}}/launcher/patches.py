@@ -33,6 +33,8 @@ this node dropped as dead has joined and nobody else waits (no heartbeats read).
 import functools
 import logging
 import os
+import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -79,6 +81,7 @@ class Node:
         self.dead = set()  # members of that round this node dropped (reform_without_the_dead)
         self.had_spares = False  # a spare waited during that round (torch's redundancy list)
         self.spare = False  # said once that it waits as a spare
+        self.importing = None  # the thread that imports torch._dynamo as this node waits
 
     def a_member_is_gone(self):
         return not self.members <= set(participants(self.handler))
@@ -125,6 +128,8 @@ def remember_members(handler, next_rendezvous):
     NODE.members, NODE.dead = set(participants(handler)), set()
     NODE.had_spares = bool(handler._state_holder.state.redundancy_list)
     if NODE.forks:
+        if NODE.importing is not None:
+            NODE.importing.join()  # a fork while a thread imports would copy a half module
         import_torch_dynamo()
     return info
 
@@ -133,9 +138,23 @@ def import_torch_dynamo():
     """torch imports `torch._dynamo` in each process at its first optimizer step
     (`_use_grad_for_differentiable` in torch/optim/optimizer.py): 2 s of every round's start on
     2 CPUs, all ranks at once, while the round waits. Ranks forked from the agent inherit its
-    modules, so the agent imports it once, as its first round forms: not sooner, where it would
-    delay a joining node's arrival while the others train on."""
+    modules, so the agent imports it once, as its first round forms, or as it waits to join a
+    running one (import_torch_dynamo_as_it_waits): not before it has arrived, where it would
+    delay a joining node while the others train on (a new node that imported it before joining
+    took 5.6 s to start instead of 2.1 s)."""
     import torch._dynamo  # noqa: F401
+
+
+def import_torch_dynamo_as_it_waits(context):
+    """A node that joins a running job (`make scale`, a restarted node) waits in torch's wait
+    list while the others stop their ranks and re-form: it imports `torch._dynamo` then, in a
+    thread, so that its polls go on, instead of after the round has formed, when the others
+    wait for it. Once it is on the list, not sooner: the others see it as they would without."""
+    state = context.state
+    waits = state.complete and context.node in state.wait_list
+    if waits and NODE.forks and NODE.importing is None and "torch._dynamo" not in sys.modules:
+        NODE.importing = threading.Thread(target=import_torch_dynamo, daemon=True)
+        NODE.importing.start()
 
 
 def num_nodes_waiting_or_dropped(handler, num_nodes_waiting):
@@ -163,6 +182,7 @@ def join_at_the_jobs_sizes(op, context, deadline):
     MIN_NODES..MAX_NODES, whatever NODES it was started with (a `make scale` node, a
     replacement): else a node could clear the last call the others waited for, or wait in
     torch's redundancy list and never be taken in."""
+    import_torch_dynamo_as_it_waits(context)
     state = context.state
     if state.complete or state.round > 0:
         settings = context.settings  # frozen; shared with the handler and its heartbeats

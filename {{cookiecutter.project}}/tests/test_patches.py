@@ -318,6 +318,44 @@ def test_an_optimizer_step_imports_torch_dynamo_and_a_forking_node_as_its_round_
     assert done.stdout.split() == ["False", str(forks), "True"]
 
 
+WAITING = """
+import sys
+from datetime import timedelta
+from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+from launcher import patches
+node = patches.install(1, 3, 30, only=["join_at_the_jobs_sizes"], forks={forks})
+state = rdzv._RendezvousState()
+state.round, state.complete = 1, True
+member, this = rdzv._NodeDesc("10.0.0.1", 1, 0), rdzv._NodeDesc("10.0.0.2", 2, 0)
+state.participants[member] = 0
+timeout = rdzv.RendezvousTimeout(last_call=timedelta(seconds=1))
+settings = rdzv.RendezvousSettings("job", 1, 3, timeout, timedelta(seconds=1), 3)
+ctx = rdzv._RendezvousContext(this, state, settings)
+asks = rdzv._RendezvousJoinOp()(ctx, 1e12)
+before = node.importing is not None
+state.wait_list.add(this)
+polls = rdzv._RendezvousJoinOp()(ctx, 1e12)
+started = node.importing is not None
+if started:
+    node.importing.join(timeout=60)
+print(asks.name, before, polls.name, started, "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("forks", [True, False])
+def test_a_forking_node_imports_torch_dynamo_in_a_thread_once_it_waits_to_join(forks):
+    """import_torch_dynamo_as_it_waits: a node that finds a running round asks to wait for the
+    next one without the import; once it is on torch's wait list, a forking node starts it in
+    a thread and its poll goes on (SYNC); a spawning node does not."""
+    script = WAITING.format(forks=forks)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = ["ADD_TO_WAIT_LIST", "False", "SYNC", str(forks), str(forks)]
+    assert done.stdout.split() == expected
+
+
 def test_torch_polls_a_waiting_round_through_delay_of_one_second(patches, monkeypatch):
     """poll_faster: torch's op executor sleeps through `_delay(seconds=1)` between reads of the
     shared state while a node waits; the patch shortens that call and no other."""
